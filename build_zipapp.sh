@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Build rvgahp.pyz: the one file users copy to both hosts and symlink as
+# rvgahp_server, rvgahp_proxy and rvgahp_client. It runs on any Python 3.6+.
+#
+#   ./build_zipapp.sh [OUTPUT]        (default: ./rvgahp.pyz)
+#
+# Needs shiv in the Python that runs it (PYTHON, default python3): pip install shiv.
+# The build is reproducible, and shiv keys its unpack cache (~/.shiv) on a hash of the
+# contents, so a new rvgahp.pyz never runs an old unpacked copy.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+out=${1:-$here/rvgahp.pyz}
+python=${PYTHON:-python3}
+
+if ! "$python" -c "import shiv" 2>/dev/null; then
+    echo "build_zipapp.sh: shiv is not installed for $python; run: $python -m pip install shiv" >&2
+    exit 1
+fi
+
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+cp "$here/rvgahp.py" "$stage/"
+
+# The shebang is the user's python3, whatever its version; shiv's bootstrap keeps
+# argv[0], so the name a symlink gives still picks the role.
+"$python" -m shiv --site-packages "$stage" --entry-point rvgahp:main \
+    --python "/usr/bin/env python3" --reproducible --compressed --output-file "$out"
+echo "built $out ($(wc -c <"$out") bytes)"
