@@ -19,6 +19,7 @@ cwd, fds, signal dispositions, and how it behaves when it floods or closes stdou
                            (hex, from /proc), as recorded by the `testgahp` sh wrapper
     STDERR words...        writes words to stderr, then S
     FLOOD N                S, then N bytes of 'x' lines; a test checks none are lost
+    SINK N                 reads the next N raw bytes of stdin, then S N
     CLOSE_STDOUT           S, then closes stdout and keeps reading; each later line goes
                            to the file named by $TESTGAHP_SINK
     EXIT N                 exits with status N at once
@@ -33,7 +34,7 @@ import sys
 # Written like the real GAHPs: the banner's text says which one this stands for.
 NAME = os.path.basename(sys.argv[0])
 BANNER = "$GahpVersion: 1.0.0 Nov 21 2026 rvgahp\\ test\\ gahp\\ (%s) $" % NAME
-COMMANDS = "COMMANDS VERSION ASYNC_MODE_ON BLAH_PING ECHO ARGV ENV CWD FDS SIGNALS STDERR FLOOD CLOSE_STDOUT EXIT IGNORE_EOF QUIT"
+COMMANDS = "COMMANDS VERSION ASYNC_MODE_ON BLAH_PING ECHO ARGV ENV CWD FDS SIGNALS STDERR FLOOD SINK CLOSE_STDOUT EXIT IGNORE_EOF QUIT"
 
 
 def open_fds():
@@ -110,6 +111,16 @@ def main():
                     piece = line[: total - sent]
                     out.write(piece)
                     sent += len(piece)
+            elif cmd == "SINK":
+                want = int(args[0])
+                got = min(len(buf), want)
+                buf = buf[got:]
+                while got < want:
+                    chunk = inp.read(min(1 << 20, want - got))
+                    if not chunk:
+                        return 0
+                    got += len(chunk)
+                say("S %d" % got)
             elif cmd == "CLOSE_STDOUT":
                 say("S")
                 sink = os.environ["TESTGAHP_SINK"]
