@@ -90,7 +90,8 @@ class Sshd:
         for _ in range(5):
             self.port = free_port()
             config = self._write_config()
-            self.proc = subprocess.Popen([sshd, "-D", "-e", "-f", config], stderr=open(self.log, "ab"))
+            with open(self.log, "ab") as log:
+                self.proc = subprocess.Popen([sshd, "-D", "-e", "-f", config], stderr=log)
             try:
                 wait_for(self._listening, 10, what="sshd to listen")
                 return self
@@ -314,8 +315,7 @@ class Rig:
         return subprocess.run(
             argv or self.client_argv(gahp),
             input=input,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            capture_output=True,
             timeout=timeout,
             env=env,
         )
