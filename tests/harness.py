@@ -253,6 +253,7 @@ class Rig:
         self.config = os.path.join(self.dot, "condor_config.rvgahp")
         self.transport = os.path.join(self.dot, "rvgahp_ssh")
         self.server_log = os.path.join(self.dir, "server.log")
+        self.sink = os.path.join(self.dir, "sink.txt")
         self.proxy_log = self.sock + ".log"
         with open(self.config, "w") as f:
             f.write(DEFAULT_CONFIG.format(gahp=gahp, home=self.home, ping_interval=ping_interval, ping_timeout=ping_timeout))
@@ -272,6 +273,7 @@ class Rig:
     def env(self, **extra):
         env = dict(os.environ)
         env["HOME"] = self.home
+        env["TESTGAHP_SINK"] = self.sink  # where testgahp writes lines after CLOSE_STDOUT
         env.update(extra)
         return env
 

@@ -14,6 +14,7 @@ cwd, fds, signal dispositions, and how it behaves when it floods or closes stdou
     ARGV                   S and argv, space-separated
     ENV NAME               S and the value of NAME, or E if unset
     CWD                    S and the working directory
+    PID                    S and the process id
     FDS                    S and the open fds
     SIGNALS                S and the ignored and blocked signal masks the GAHP inherited
                            (hex, from /proc), as recorded by the `testgahp` sh wrapper
@@ -34,7 +35,7 @@ import sys
 # Written like the real GAHPs: the banner's text says which one this stands for.
 NAME = os.path.basename(sys.argv[0])
 BANNER = "$GahpVersion: 1.0.0 Nov 21 2026 rvgahp\\ test\\ gahp\\ (%s) $" % NAME
-COMMANDS = "COMMANDS VERSION ASYNC_MODE_ON BLAH_PING ECHO ARGV ENV CWD FDS SIGNALS STDERR FLOOD SINK CLOSE_STDOUT EXIT IGNORE_EOF QUIT"
+COMMANDS = "COMMANDS VERSION ASYNC_MODE_ON BLAH_PING ECHO ARGV ENV CWD PID FDS SIGNALS STDERR FLOOD SINK CLOSE_STDOUT EXIT IGNORE_EOF QUIT"
 
 
 def open_fds():
@@ -90,6 +91,8 @@ def main():
             elif cmd == "ENV":
                 value = os.environ.get(args[0] if args else "")
                 say("E unset" if value is None else "S " + value)
+            elif cmd == "PID":
+                say("S %d" % os.getpid())
             elif cmd == "CWD":
                 say("S " + os.getcwd())
             elif cmd == "FDS":
