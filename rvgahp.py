@@ -397,6 +397,7 @@ class Link:
         self.synced = False
         self.peer = None  # the peer's hello fields, once heard
         self.closed = False
+        self.ended_by_peer = False  # EOF from the peer, as opposed to a close decided here
         self.congested = False
         self.prelude = bytearray()  # bytes before the peer's LINK_START
         self.ping_interval = DEFAULT_PING_INTERVAL
@@ -452,6 +453,7 @@ class Link:
         if data is None:
             return
         if not data:
+            self.ended_by_peer = True
             self.close("the peer closed the link" if self.synced else "the transport ended before the link started")
             return
         self.last_heard = time.monotonic()
@@ -825,7 +827,7 @@ class Loop:
         self.watches = {}  # fd -> [reader callback, writer callback]
         self.timers = []
         self.serial = 0
-        self.running = False
+        self.stopped = False
         self.signal_handlers = {}
         self.pending_signals = []
         self.wake_r, self.wake_w = make_pipe()
@@ -893,13 +895,12 @@ class Loop:
 
     # running
     def stop(self):
-        self.running = False
+        self.stopped = True
 
     def run(self):
         import heapq
 
-        self.running = True
-        while self.running:
+        while not self.stopped:
             timeout = None
             while self.timers and self.timers[0][2].cancelled:
                 heapq.heappop(self.timers)
@@ -1210,12 +1211,10 @@ class Server:
         self.attempt_started = now
         self.link_up_at = None
         self.transport_status = None
+        self.failure = None
         transport = self.layout.transport
         if not os.path.isfile(transport):
-            self.log.info("link attempt failed: transport %s does not exist; create it (see the README)" % transport)
-            self.transport_pid = None
-            self.link = None
-            self._attempt_over()
+            self._cannot_start("transport %s does not exist; create it (see the README)" % transport)
             return
         link_in, transport_out = make_pipe()
         transport_in, link_out = make_pipe()
@@ -1225,10 +1224,7 @@ class Server:
         except SpawnError as e:
             for fd in (link_in, link_out, err_r):
                 close_fd(fd)
-            self.log.info("link attempt failed: cannot run the transport: %s" % e)
-            self.transport_pid = None
-            self.link = None
-            self._attempt_over()
+            self._cannot_start("cannot run the transport: %s" % e)
             return
         finally:
             for fd in (transport_in, transport_out, err_w):
@@ -1249,6 +1245,12 @@ class Server:
                 "ping_timeout": self.ping_timeout,
             }
         )
+
+    def _cannot_start(self, reason):
+        self.failure = reason
+        self.transport_pid = None
+        self.link = None
+        self._attempt_over()
 
     def transport_said(self, line):
         # The proxy's own log lines come back over ssh's stderr already formatted.
@@ -1284,33 +1286,36 @@ class Server:
         )
 
     def on_link_closed(self, reason):
-        held = None if self.link_up_at is None else time.monotonic() - self.link_up_at
-        if held is None:
-            self.log.info("link attempt failed: %s" % reason)
-        else:
-            self.log.info("link down after %.1f s: %s" % (held, reason))
-        self.stop_transport()
+        if self.link_up_at is not None:
+            self.log.info("link down after %.1f s: %s" % (time.monotonic() - self.link_up_at, reason))
+        self.failure = reason
+        # A transport that closed the link is on its way out: give it a moment, so its
+        # exit status (ssh's 255, a shell's 127) is what we report, not our SIGTERM.
+        self.stop_transport(grace=1.0 if self.link.ended_by_peer else 0.0)
         self._attempt_over()
 
-    def stop_transport(self):
+    def stop_transport(self, grace=0.0):
         pid = self.transport_pid
         if pid is None or pid not in self.children:
             return
-        signal_group(pid, "SIGTERM")
-        self.loop.call_later(TRANSPORT_KILL_AFTER, lambda: pid in self.children and signal_group(pid, "SIGKILL"))
+
+        def term():
+            if pid in self.children:
+                signal_group(pid, "SIGTERM")
+                self.loop.call_later(TRANSPORT_KILL_AFTER, lambda: pid in self.children and signal_group(pid, "SIGKILL"))
+
+        if grace:
+            self.loop.call_later(grace, term)
+        else:
+            term()
 
     def transport_exited(self, status):
         self.transport_status = status
-        fields = describe_status(status)
         link = self.link
         if link is not None and not link.closed:
-            if link.peer is None:
-                # Let the link read what the transport printed first: that is the diagnosis.
-                self.loop.call_later(0.05, lambda: link.close("the transport ended (%s)%s" % (status_text(fields), transport_hint(fields))))
-            else:
-                link.close("the transport ended (%s)" % status_text(fields))
-        else:
-            self.log.debug("transport pid %s ended (%s)" % (self.transport_pid, status_text(fields)))
+            # Let the link read what the transport printed last: it is often the diagnosis.
+            self.loop.call_later(0.05, lambda: link.close("the transport ended (%s)" % status_text(describe_status(status))))
+            return
         self._attempt_over()
 
     def _attempt_over(self):
@@ -1324,6 +1329,8 @@ class Server:
             return
         if getattr(self, "next_attempt", None) is not None:
             return
+        if self.link_up_at is None:
+            self.log.info("link attempt failed: %s" % self._diagnosis())
         held = None if self.link_up_at is None else time.monotonic() - self.link_up_at
         delay = self.backoff.next_delay(held, time.monotonic())
         if delay > 0:
@@ -1331,6 +1338,14 @@ class Server:
         else:
             self.log.info("reconnecting now")
         self.next_attempt = self.loop.call_later(delay, self._attempt_due)
+
+    def _diagnosis(self):
+        """Why a login did not give us a link, in the words most useful to an admin."""
+        link_said_eof = self.link is not None and self.link.ended_by_peer
+        if self.transport_status is not None and (link_said_eof or "transport ended" in self.failure):
+            fields = describe_status(self.transport_status)
+            return "the transport ended (%s)%s" % (status_text(fields), transport_hint(fields))
+        return self.failure
 
     def _attempt_due(self):
         self.next_attempt = None
@@ -1657,12 +1672,14 @@ class Proxy:
                     self.log.info("cannot accept a client: %s" % e.strerror)
                     return
                 raise
+            conn = ClientConn(self, sock)
+            self.clients.add(conn)
             uid = peer_uid(sock)
             if uid != os.getuid():
-                self.log.info("rejected a client with uid %s: only uid %d may use %s" % (uid, os.getuid(), self.sockpath))
-                sock.close()
-                continue
-            self.clients.add(ClientConn(self, sock))
+                reason = "only uid %d may use %s, and this client is uid %s" % (os.getuid(), self.sockpath, uid)
+                self.log.info("rejected a client: %s" % reason)
+                conn.reader = None  # it gets no hearing
+                conn.finish(REFUSE, {"reason": reason})
 
     def open_session(self, conn, fields, fds):
         gahp = fields.get("gahp", "")

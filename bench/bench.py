@@ -691,15 +691,13 @@ def evaluate_targets(results, key):
 
 
 def targets_table(results, rv_modes):
-    width = 26
-    lines = ["targets" + "".join(("%s (figure vs limit)" % m.name).rjust(width + 6) for m in rv_modes)]
-    lines.append("-" * (40 + (width + 6) * len(rv_modes)))
-    per_mode = [evaluate_targets(results, m.key) for m in rv_modes]
-    for m, rows in zip(rv_modes, per_mode):
-        results.setdefault(m.key, {})["targets"] = [{"target": n, "figure": f, "verdict": v} for n, f, v in rows]
-    for i, (name, *_) in enumerate(per_mode[0] if per_mode else []):
-        cells = "".join(("%s %s" % (rows[i][1], rows[i][2].ljust(4))).rjust(width + 6) for rows in per_mode)
-        lines.append(name.ljust(40) + cells)
+    label, width = 40, 32
+    lines = ["target".ljust(label) + "".join(("%s: figure vs limit" % m.name).rjust(width) for m in rv_modes)]
+    lines.append("-" * (label + width * len(rv_modes)))
+    per_mode = [results[m.key]["targets"] for m in rv_modes]
+    for i, row in enumerate(per_mode[0] if per_mode else []):
+        cells = "".join(("%s  %s" % (rows[i]["figure"], rows[i]["verdict"].ljust(4))).rjust(width) for rows in per_mode)
+        lines.append(row["target"].ljust(label) + cells)
     return "\n".join(lines)
 
 
@@ -771,6 +769,7 @@ def main(argv=None):
             "sshd": "%s (%s); client %s" % (sshd_version(sshd), harness.find_sshd(), ssh_client_version()),
             "bench and GAHP Python": "%s (%s)" % (sys.executable, platform.python_version()),
             "python3 on PATH": python3_on_path(),
+            "load average at start": load_average(),
         }
         log("warming up (%d sessions per mode)" % WARMUP_SESSIONS)
         for mode in modes:
@@ -795,6 +794,7 @@ def main(argv=None):
             log("%s: round trips and throughput" % mode.name)
             results[mode.key].update(one_session_figures(mode, params["bytes"]))
 
+        env["load average at end"] = load_average()
         for rig, mode in zip(rigs, modes[2:]):
             env["%s logs" % mode.name] = {
                 "server": summarize_log(log_findings(rig.server_log, rig.server.pid)),
@@ -804,6 +804,8 @@ def main(argv=None):
                 "server": log_findings(rig.server_log, rig.server.pid),
                 "proxy": log_findings(rig.proxy_log),
             }
+        for mode in modes[2:]:
+            results[mode.key]["targets"] = [{"target": t, "figure": f, "verdict": v} for t, f, v in evaluate_targets(results, mode.key)]
         text = report(results, modes, params, env)
         print(text)
         for mode in modes[2:]:
@@ -821,6 +823,11 @@ def main(argv=None):
 
 def summarize_log(findings):
     return "%d lines, link up %d time(s), %d notable line(s)" % (findings["lines"], findings["links_up"], findings.get("notable_count", 0))
+
+
+def load_average():
+    """The machine is shared: a high load explains odd figures."""
+    return "%.2f %.2f %.2f (1, 5, 15 min)" % os.getloadavg()
 
 
 def ssh_client_version():

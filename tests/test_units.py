@@ -1,0 +1,242 @@
+"""The pieces that need no processes: config, framing, argv, back-off, role names."""
+
+import os
+import struct
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import rvgahp
+
+
+def config(text, environ=None):
+    return rvgahp.Config("/x/condor_config.rvgahp", text, environ or {})
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_names_are_case_insensitive_and_values_trimmed():
+    c = config("Batch_Gahp =   /opt/blahp/bin/blahpd  \n")
+    assert c.get("BATCH_GAHP") == "/opt/blahp/bin/blahpd"
+    assert c.get("batch_gahp") == "/opt/blahp/bin/blahpd"
+    assert c.get("FT_GAHP") is None
+    assert c.get("FT_GAHP", "dflt") == "dflt"
+
+
+def test_config_comments_blank_lines_and_the_last_definition_wins():
+    c = config("# a comment\n\n   # indented comment\nA = 1\nA = 2\nB = x # not a comment\n")
+    assert c.get("A") == "2"
+    assert c.get("B") == "x # not a comment"
+
+
+def test_config_continuation_joins_lines_and_trims_the_next_ones_indent():
+    c = config("A = one \\\n     two \\\n\tthree\nB = after\n")
+    assert c.get("A") == "one two three"
+    assert c.get("B") == "after"
+
+
+def test_config_macros_defaults_and_environment():
+    c = config(
+        "ROOT = /opt/rv\n"
+        "BATCH_GAHP = $(ROOT)/bin/blahpd\n"
+        "UNDEF = [$(NOPE)]\n"
+        "DEF = $(NOPE:fallback)\n"
+        "EMPTY =\n"
+        "EMPTYDEF = $(EMPTY:used-when-empty)\n"
+        "NESTED = $(NOPE:$(ROOT)/x)\n"
+        "HOMEDIR = $ENV(HOME)\n"
+        "ENVDEF = $ENV(NOT_SET:/tmp)\n"
+        "DOLLAR = cost $5\n",
+        environ={"HOME": "/home/alice"},
+    )
+    assert c.get("BATCH_GAHP") == "/opt/rv/bin/blahpd"
+    assert c.get("UNDEF") == "[]"
+    assert c.get("DEF") == "fallback"
+    assert c.get("EMPTYDEF") == "used-when-empty"
+    assert c.get("NESTED") == "/opt/rv/x"
+    assert c.get("HOMEDIR") == "/home/alice"
+    assert c.get("ENVDEF") == "/tmp"
+    assert c.get("DOLLAR") == "cost $5"
+
+
+def test_config_expansion_is_lazy_and_self_reference_means_the_earlier_one():
+    c = config("GAHP = $(BASE)/blahpd\nBASE = /first\nPATHS = /a\nPATHS = $(PATHS):/b\nBASE = /last\n")
+    assert c.get("GAHP") == "/last/blahpd"  # lazy: BASE's last definition
+    assert c.get("PATHS") == "/a:/b"
+
+
+def test_config_macro_loops_are_reported_with_the_chain():
+    c = config("A = $(B)\nB = $(C)\nC = $(A)\n")
+    with pytest.raises(rvgahp.ConfigError) as e:
+        c.get("A")
+    assert "macro loop: A -> B -> C -> A" in str(e.value)
+    assert "/x/condor_config.rvgahp:" in str(e.value)
+
+
+def test_config_errors_name_the_file_and_line():
+    with pytest.raises(rvgahp.ConfigError) as e:
+        config("A = 1\n\nthis is not a setting\n")
+    assert str(e.value) == "config /x/condor_config.rvgahp:3: expected NAME = value, found 'this is not a setting'"
+    with pytest.raises(rvgahp.ConfigError) as e:
+        config("A = 1\nB = $(A\n").get("B")
+    assert str(e.value).startswith("config /x/condor_config.rvgahp:2: unterminated '$(A'")
+
+
+def test_config_numbers_are_checked():
+    c = config("RVGAHP_PING_INTERVAL = 5\nRVGAHP_PING_TIMEOUT = soon\n")
+    assert c.number("RVGAHP_PING_INTERVAL", 15.0) == 5.0
+    assert c.number("RVGAHP_BACKOFF_MAX", 300.0) == 300.0
+    with pytest.raises(rvgahp.ConfigError) as e:
+        c.number("RVGAHP_PING_TIMEOUT", 45.0)
+    assert "config /x/condor_config.rvgahp:2: RVGAHP_PING_TIMEOUT must be a number" in str(e.value)
+
+
+def test_a_missing_config_file_is_one_clear_error(tmp_path):
+    with pytest.raises(rvgahp.ConfigError) as e:
+        rvgahp.Config.load(str(tmp_path / "nope"))
+    assert str(e.value) == "cannot read config %s: No such file or directory" % (tmp_path / "nope")
+
+
+# --------------------------------------------------------------------------- framing
+
+
+def test_frames_survive_any_split_of_the_byte_stream():
+    frames = [(rvgahp.DATA, 7, b"hello"), (rvgahp.EOF, 7, b""), (rvgahp.WINDOW, 9, struct.pack("!I", 65536))]
+    stream = b"".join(rvgahp.frame(*f) for f in frames)
+    for cut in range(len(stream) + 1):
+        reader = rvgahp.FrameReader()
+        got = reader.feed(stream[:cut]) + reader.feed(stream[cut:])
+        assert got == frames
+        assert reader.buf == bytearray()
+
+
+def test_an_oversized_frame_is_a_protocol_error_not_an_allocation():
+    reader = rvgahp.FrameReader()
+    with pytest.raises(rvgahp.ProtocolError):
+        reader.feed(rvgahp.HEADER.pack(rvgahp.DATA, 1, rvgahp.MAX_PAYLOAD + 1))
+
+
+def test_fields_round_trip_and_bad_ones_are_rejected():
+    fields = {"gahp": "blahpd", "reason": "x = y; z", "pid": "12"}
+    assert rvgahp.decode_fields(rvgahp.encode_fields(fields)) == fields
+    with pytest.raises(rvgahp.ProtocolError):
+        rvgahp.decode_fields(b"no equals sign\n")
+    with pytest.raises(rvgahp.ProtocolError):
+        rvgahp.decode_fields(b"\xff\xfe=1\n")
+    with pytest.raises(rvgahp.ProtocolError):
+        rvgahp.decode_fields(b"gahp=" + b"x" * rvgahp.MAX_FIELDS)
+    with pytest.raises(ValueError):
+        rvgahp.encode_fields({"reason": "two\nlines"})
+
+
+# --------------------------------------------------------------------------- client argv
+
+
+@pytest.mark.parametrize(
+    "argv, sock, gahp",
+    [
+        (["/tmp/u.sock", "blahpd"], "/tmp/u.sock", "blahpd"),
+        (["alice@login", "--rvgahp-socket", "/tmp/a.sock", "blahpd"], "/tmp/a.sock", "blahpd"),
+        (["--rvgahp-socket=/tmp/a.sock", "alice@login", "batch_gahp"], "/tmp/a.sock", "batch_gahp"),
+        (
+            ["--rgahp-user", "u", "--rgahp-key", "k", "--rgahp-nokey", "--rgahp-pass", "p", "--rgahp-nopass", "--rgahp-glite", "g",
+             "--rgahp-script", "s", "--rgahp-nobatchmode", "--rgahp-nologin", "u@h:22", "--rvgahp-socket", "/s", "--", "condor_ft-gahp"],
+            "/s",
+            "condor_ft-gahp",
+        ),
+    ],
+)  # fmt: skip
+def test_client_argv_in_both_gridmanager_styles(argv, sock, gahp):
+    assert rvgahp.parse_client_args(argv)[:2] == (sock, gahp)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "no GAHP named"),
+        (["blahpd"], "no socket path"),
+        (["alice@login", "blahpd"], "'alice@login' looks like user@host, not a socket path; add --rvgahp-socket"),
+        (["--frobnicate", "/s", "blahpd"], "unknown option --frobnicate"),
+        (["/s", "--rvgahp-socket"], "the last argument must be the GAHP name, not --rvgahp-socket"),
+        (["--rvgahp-wait", "soon", "/s", "blahpd"], "the wait must be 0 to 3600 seconds, not 'soon'"),
+    ],
+)
+def test_client_argv_mistakes_get_one_clear_message(argv, message):
+    with pytest.raises(rvgahp.UsageError) as e:
+        rvgahp.parse_client_args(argv)
+    assert message in str(e.value)
+
+
+# --------------------------------------------------------------------------- back-off
+
+
+def test_backoff_is_immediate_after_a_link_that_held(monkeypatch):
+    b = rvgahp.Backoff(cap=300)
+    b.attempted(0.0)
+    assert b.next_delay(held_for=rvgahp.LINK_STABLE + 1, now=100.0) == 0.0
+
+
+def test_backoff_grows_with_jitter_and_is_capped():
+    b = rvgahp.Backoff(cap=20)
+    now = 0.0
+    delays = []
+    for _ in range(8):
+        b.attempted(now)
+        d = b.next_delay(held_for=None, now=now)
+        delays.append(d)
+        now += max(d, 61.0)  # far apart, so the per-minute cap does not interfere
+    assert 0.75 <= delays[0] <= 1.25
+    assert 1.5 <= delays[1] <= 2.5
+    assert 3.0 <= delays[2] <= 5.0
+    assert all(d <= 20 * 1.25 for d in delays)
+    assert delays[-1] >= 20 * 0.75
+    b.attempted(now)
+    assert b.next_delay(held_for=rvgahp.LINK_STABLE, now=now) == 0.0
+    assert b.failures == 0
+
+
+def test_backoff_never_allows_more_than_a_handful_of_logins_a_minute():
+    b = rvgahp.Backoff(cap=0)  # even with no back-off at all
+    now = 0.0
+    starts = []
+    for _ in range(30):
+        b.attempted(now)
+        starts.append(now)
+        now += b.next_delay(held_for=None, now=now) + 0.01
+    for t in starts:
+        in_window = [s for s in starts if t <= s < t + 60]
+        assert len(in_window) <= rvgahp.MAX_LOGINS_PER_MINUTE
+
+
+# --------------------------------------------------------------------------- roles
+
+
+@pytest.mark.parametrize(
+    "program, role",
+    [
+        ("/home/u/bin/rvgahp_client", "client"),
+        ("rvgahp_server", "server"),
+        ("/x/rvgahp_proxy.py", "proxy"),
+        ("/x/rvgahp.pyz", None),
+        ("rvgahp_other", None),
+    ],
+)
+def test_the_role_comes_from_the_program_name(program, role):
+    assert rvgahp.role_of(program) == role
+
+
+def test_subcommands_version_and_help(capsys):
+    assert rvgahp.main(["rvgahp.pyz", "--version"]) == 0
+    assert capsys.readouterr().out == "rvgahp %s\n" % rvgahp.VERSION
+    assert rvgahp.main(["rvgahp.pyz", "--help"]) == 0
+    assert "rvgahp.pyz client SOCKPATH GAHP_NAME" in capsys.readouterr().out
+    assert rvgahp.main(["rvgahp.pyz", "client", "--version"]) == 0
+    assert capsys.readouterr().out == "rvgahp_client %s\n" % rvgahp.VERSION
+    assert rvgahp.main(["rvgahp.pyz"]) == 2
+    with pytest.raises(SystemExit) as e:
+        rvgahp.main(["/bin/rvgahp_server", "--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == "rvgahp_server %s\n" % rvgahp.VERSION
