@@ -60,6 +60,7 @@ EXIT_LINGER = 2.0  # wait this long for a dead GAHP's stdout to reach EOF
 GAHP_TERM_AFTER = 5.0  # after its session ends, a GAHP gets this long to exit on EOF
 GAHP_KILL_AFTER = 5.0  # ...and then this long after SIGTERM before SIGKILL
 TRANSPORT_KILL_AFTER = 2.0
+STANDBY_POLL = 1.0  # a standby proxy tries the socket's lock this often (no logins involved)
 
 # The GAHPs a session may ask for: name -> (config knob, binary under -b BASEDIR/bin, args).
 GAHPS = {
@@ -303,7 +304,8 @@ WINDOW = 8  # credit: the receiver has consumed this many more bytes (4-byte cou
 PING = 9  # link liveness; answered by PONG with the same payload
 PONG = 10
 RETRY = 11  # proxy -> client only: the link went away before the GAHP started; ask again
-FRAME_NAMES = {v: k for k, v in list(globals().items()) if k.isupper() and isinstance(v, int) and 1 <= v <= 11}
+STATE = 12  # proxy -> server: it became the socket's owner, or cannot be (fields: state, reason)
+FRAME_NAMES = {v: k for k, v in list(globals().items()) if k.isupper() and isinstance(v, int) and 1 <= v <= 12}
 
 # A login shell may print a banner before the proxy starts, so each end of the link
 # begins with this line and the reader skips anything before it.
@@ -507,6 +509,8 @@ class Link:
                 self.rtt = time.monotonic() - struct.unpack("!d", payload)[0]
         elif kind == OPEN:
             self.events.on_open(channel, payload)
+        elif kind == STATE:
+            self.events.on_state(decode_fields(payload))
         elif kind in (ACCEPT, REFUSE, DATA, EOF, CLOSE, WINDOW):
             target = self.channels.get(channel)
             if target is not None:
@@ -1270,20 +1274,31 @@ class Server:
         if fields.get("role") != "proxy":
             self.link.close("the peer is not an rvgahp_proxy (it says role=%r)" % fields.get("role"))
             return
-        if fields.get("state") == "busy":
-            self.link.close("the proxy reports %s" % fields.get("reason", "that the socket is busy"))
+        if fields.get("state") == "error":
+            self.link.close("the proxy cannot serve: %s" % fields.get("reason", "no reason given"))
             return
         self.link_up_at = time.monotonic()
+        standby = fields.get("state") == "standby"
         self.log.info(
-            "link up: proxy pid %s on %s serves %s (rvgahp %s), %.2f s after the login began"
+            "link up%s: proxy pid %s on %s %s %s (rvgahp %s), %.2f s after the login began"
             % (
+                " as a hot standby" if standby else "",
                 fields.get("pid", "?"),
                 fields.get("host", "?"),
+                "waits for" if standby else "serves",
                 fields.get("socket", "?"),
                 fields.get("rvgahp", "?"),
                 self.link_up_at - self.attempt_started,
             )
         )
+        if standby:
+            self.log.info("standing by: %s" % fields.get("reason", "the socket is busy"))
+
+    def on_state(self, fields):
+        if fields.get("state") == "active":
+            self.log.info("link active: the standby proxy took over %s" % self.link.peer.get("socket", "the socket"))
+        elif fields.get("state") == "error":
+            self.link.close("the proxy cannot serve: %s" % fields.get("reason", "no reason given"))
 
     def on_link_closed(self, reason):
         if self.link_up_at is not None:
@@ -1302,6 +1317,7 @@ class Server:
         def term():
             if pid in self.children:
                 signal_group(pid, "SIGTERM")
+                signal_group(pid, "SIGCONT")  # a stopped (hung) transport must wake to die
                 self.loop.call_later(TRANSPORT_KILL_AFTER, lambda: pid in self.children and signal_group(pid, "SIGKILL"))
 
         if grace:
@@ -1595,17 +1611,42 @@ class Proxy:
         hello = {"role": "proxy", "rvgahp": VERSION, "pid": os.getpid(), "host": socket.gethostname(), "socket": self.sockpath}
         try:
             self.claim_socket()
+            hello["state"] = "active"
+        except SocketBusy as e:
+            # Another link serves the socket: keep this one up as a hot standby that
+            # takes over when that one ends, without another ssh login.
+            self.log.info("%s; standing by to take over when it ends" % e)
+            hello.update(state="standby", reason=str(e))
+            self.loop.call_later(STANDBY_POLL, self._try_takeover)
         except UserError as e:
-            self.log.info(str(e))
-            hello.update(state="busy", reason=str(e))
+            reason = str(e)
+            self.log.info(reason)
+            hello.update(state="error", reason=reason)
             self.link.start(hello)
-            # Say why, then end: the server reads the hello and logs the reason.
-            self.link.outbox.when_drained(lambda: self.link.close("socket busy"))
+            # Say why, then end: the server logs the reason and backs off.
+            self.link.outbox.when_drained(lambda: self.link.close(reason))
             self.loop.run()
             return 1
         self.link.start(hello)
         self.loop.run()
         return 0
+
+    def _try_takeover(self):
+        if self.link.closed:
+            return
+        try:
+            self.claim_socket()
+        except SocketBusy:
+            self.loop.call_later(STANDBY_POLL, self._try_takeover)
+            return
+        except UserError as e:
+            reason = str(e)
+            self.log.info(reason)
+            self.link.send(STATE, 0, encode_fields({"state": "error", "reason": reason}))
+            self.link.outbox.when_drained(lambda: self.link.close(reason))
+            return
+        self.log.info("took over %s: the link that served it has ended" % self.sockpath)
+        self.link.send(STATE, 0, encode_fields({"state": "active"}))
 
     def claim_socket(self):
         """Bind SOCKPATH, replacing a dead socket but never stealing a live one.
@@ -1617,15 +1658,18 @@ class Proxy:
 
         lock_path = self.sockpath + ".lock"
         try:
-            self.lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError as e:
             raise UserError("cannot open the lock file %s: %s" % (lock_path, e.strerror))
         try:
-            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise UserError("%s is served by another live rvgahp_proxy; not taking it over" % self.sockpath)
+            os.close(lock_fd)
+            raise SocketBusy("%s is busy: another live rvgahp_proxy serves it" % self.sockpath)
         if socket_is_live(self.sockpath):
-            raise UserError("%s is in use by a live process that is not an rvgahp_proxy; not taking it over" % self.sockpath)
+            os.close(lock_fd)
+            raise SocketBusy("%s is busy: a live process that is not an rvgahp_proxy owns it" % self.sockpath)
+        self.lock_fd = lock_fd
         try:
             os.unlink(self.sockpath)
             self.log.info("removed the dead socket %s" % self.sockpath)
@@ -1725,12 +1769,14 @@ class Proxy:
     def on_open(self, cid, payload):
         raise ProtocolError("the server tried to open a channel")
 
+    def on_state(self, fields):
+        raise ProtocolError("the server sent a STATE frame")
+
     def on_noise(self, noise):
         self.log.info("ignored %d bytes before the server's link start" % len(noise))
 
     def on_link_closed(self, reason):
-        if self.ready or reason != "socket busy":
-            self.log.info("link down: %s" % reason)
+        self.log.info("link down: %s" % reason)
         # The socket goes first, so no new client reaches a proxy that cannot serve it.
         self.release_socket()
         for session in self.waiting:
@@ -1743,6 +1789,10 @@ class Proxy:
     def shutdown(self):
         self.log.info("shutting down (signal)")
         self.link.close("the proxy was told to stop")
+
+
+class SocketBusy(UserError):
+    """Someone alive serves the socket; we must not take it."""
 
 
 def check_socket_path(path):
@@ -1974,6 +2024,14 @@ class UsageError(UserError):
     pass
 
 
+class GahpKilled(UserError):
+    """The GAHP died of a signal: say so, and exit as a shell would (128 + signal)."""
+
+    def __init__(self, status, message):
+        UserError.__init__(self, message)
+        self.status = status
+
+
 def parse_client_args(args):
     """(socket path, GAHP name, wait) from either argv style the GridManager produces."""
     if not args:
@@ -2174,7 +2232,7 @@ def run_client(sockpath, gahp, wait):
     if "error" in fields:
         raise UserError("%s session ended: %s" % (gahp, fields["error"]))
     if "signal" in fields:
-        return 128 + int(fields["signal"])
+        raise GahpKilled(128 + int(fields["signal"]), "%s was killed by signal %s on the cluster" % (gahp, fields["signal"]))
     return int(fields.get("exit", 1))
 
 
@@ -2202,6 +2260,7 @@ def proxy_main(args):
     parser.add_argument("sockpath", help="the UNIX socket to own, e.g. /tmp/user.hpcc.sock")
     parser.add_argument("--log", metavar="FILE", help="also log here (default: SOCKPATH.log)")
     parser.add_argument("--no-log-file", action="store_true", help="log to stderr only")
+    parser.add_argument("--log-max-size", type=int, default=10 * 1000 * 1000, metavar="BYTES", help="rotate the log file past this size")
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--version", action="version", version="rvgahp_proxy %s" % VERSION)
     opts = parser.parse_args(args)
@@ -2209,7 +2268,7 @@ def proxy_main(args):
     log.verbose = opts.verbose
     check_socket_path(opts.sockpath)
     if not opts.no_log_file:
-        log.to_file(opts.log or opts.sockpath + ".log", max_bytes=10 * 1000 * 1000)
+        log.to_file(opts.log or opts.sockpath + ".log", max_bytes=opts.log_max_size)
         log.echo_fd = 2  # ssh carries stderr back to the server's log
     raise_fd_limit()
     return Proxy(log, opts.sockpath).run()
@@ -2344,6 +2403,9 @@ def main(argv=None):
     except UsageError as e:
         sys.stderr.write("rvgahp_%s: %s\n" % (role, e))
         return 2
+    except GahpKilled as e:
+        sys.stderr.write("rvgahp_%s: %s\n" % (role, e))
+        return e.status
     except UserError as e:
         sys.stderr.write("rvgahp_%s: %s\n" % (role, e))
         return 1

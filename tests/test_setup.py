@@ -43,7 +43,7 @@ def test_a_key_restricted_to_the_proxy_command_brings_the_link_up(make_rig):
     # socket taken and leaves without running anything else.
     result = subprocess.run(ssh_with_key(rig, key, "echo pwned"), stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
     assert b"pwned" not in result.stdout + result.stderr
-    assert b"served by another live rvgahp_proxy" in result.stderr
+    assert b"is busy: another live rvgahp_proxy serves it" in result.stderr
 
 
 def test_htcondor_basedir_layout(make_rig):
