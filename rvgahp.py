@@ -1117,8 +1117,10 @@ def spawn(argv, env, cwd, stdin, stdout, stderr):
 class Backoff:
     """When the next login may happen.
 
-    At once after a link that held for LINK_STABLE; growing, jittered and capped while
-    attempts keep failing; and never more than MAX_LOGINS_PER_MINUTE whatever happens.
+    At once after a link that held for LINK_STABLE, and at once, too, the first time a
+    link that came up drops early: one drop is the network, not the login. Growing,
+    jittered and capped while attempts keep failing or links keep flapping; and never
+    more than MAX_LOGINS_PER_MINUTE, whatever happens.
     """
 
     def __init__(self, cap):
@@ -1135,9 +1137,11 @@ class Backoff:
             delay = 0.0
         else:
             self.failures += 1
-            delay = min(self.cap, BACKOFF_FIRST * 2 ** min(self.failures - 1, 30))
-            jitter = int.from_bytes(os.urandom(2), "big") / 65535.0
-            delay *= 0.75 + 0.5 * jitter
+            steps = self.failures - (1 if held_for is not None else 0)
+            delay = 0.0
+            if steps > 0:
+                jitter = int.from_bytes(os.urandom(2), "big") / 65535.0
+                delay = min(self.cap, BACKOFF_FIRST * 2 ** min(steps - 1, 30)) * (0.75 + 0.5 * jitter)
         recent = [t for t in self.attempts if now - t < 60.0]
         if len(recent) >= MAX_LOGINS_PER_MINUTE:
             delay = max(delay, recent[-MAX_LOGINS_PER_MINUTE] + 60.0 - now)

@@ -25,6 +25,7 @@ and all of them run the same Python for the GAHP.
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -50,15 +51,13 @@ WARMUP_SESSIONS = 2
 RT_WARMUP = 200
 RT_COUNT = 2000
 SETTLE = 0.5  # pause between bursts, so one mode's teardown does not load the next
+STARTED = time.monotonic()
 
 
 def log(message):
     """Progress goes to stderr; the tables go to stdout."""
     sys.stderr.write("[bench %6.1f s] %s\n" % (time.monotonic() - STARTED, message))
     sys.stderr.flush()
-
-
-STARTED = time.monotonic()
 
 
 # --------------------------------------------------------------------------- statistics
@@ -468,7 +467,9 @@ def write_gahp(directory):
         text = f.read()
     path = os.path.join(directory, "testgahp.py")
     with open(path, "w") as f:
-        f.write("#!%s\n" % sys.executable + text.split("\n", 1)[1])
+        if text.startswith("#!"):
+            text = text.split("\n", 1)[1]
+        f.write("#!%s\n%s" % (sys.executable, text))
     os.chmod(path, 0o755)
     return path
 
@@ -513,6 +514,30 @@ def role_interpreters(mode):
     finally:
         close_session(session)
     return {role: "%s (%s)" % (exe, python_version(exe)) if exe != "?" else exe for role, exe in exes.items()}
+
+
+def median_run_ms(argv, runs=5):
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def startup_costs(role_python, rv_modes):
+    """What an interpreter start and a client start cost here: the floor under session start."""
+    pythons = {"GAHP Python": sys.executable}
+    if os.path.realpath(role_python) != os.path.realpath(sys.executable):
+        pythons["--python"] = role_python
+    text = {}
+    for label, exe in pythons.items():
+        plain = median_run_ms([exe, "-c", "pass"])
+        bare = median_run_ms([exe, "-I", "-S", "-c", "pass"])
+        text[label] = "`-c pass` %.0f ms, `-I -S -c pass` %.0f ms (the difference is site-packages)" % (plain, bare)
+    for mode in rv_modes:
+        text["%s client" % mode.name] = "`rvgahp_client --version` %.0f ms" % median_run_ms(mode.rig.flavor.argv("client", "--version"))
+    return text
 
 
 def log_findings(path, pid=None):
@@ -598,8 +623,9 @@ def report(results, modes, params, env):
     for name, value in env.items():
         if isinstance(value, dict):
             out.append("%s:" % name)
+            width = max(len(k) for k in value)
             for role, text in value.items():
-                out.append("    %-8s %s" % (role, text))
+                out.append("    %s  %s" % (role.ljust(width), text))
         else:
             out.append("%s: %s" % (name, value))
     out.append("")
@@ -735,6 +761,66 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def set_up(cleanup, args):
+    """sshd, the rigs and the modes, each registered with cleanup as soon as it exists."""
+    work = harness.short_tempdir("bench")
+    cleanup.callback(shutil.rmtree, work, ignore_errors=True)
+    ours = [work]  # temp paths that only our processes name
+    cleanup.callback(reap_strays, ours)
+
+    python = real_python(args.python)
+    gahp = write_gahp(work)
+    log("starting sshd")
+    sshd = harness.Sshd(os.path.join(work, "sshd"))
+    os.makedirs(sshd.dir)
+    cleanup.callback(sshd.stop)
+    sshd.start()
+
+    modes = [Direct(gahp), PlainSsh(sshd, gahp)]
+    flavors = [harness.Flavor("rvgahp.py", python, harness.RVGAHP)]
+    if not args.no_pyz and shiv_available():
+        log("building rvgahp.pyz")
+        try:
+            flavors.append(harness.Flavor("rvgahp.pyz", None, build_pyz(work)))
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            log("no pyz column: %s" % e)
+    for flavor in flavors:
+        cleanup.callback(shutil.rmtree, flavor.bin, ignore_errors=True)
+    rigs = []
+    for flavor in flavors:
+        # rvgahp's default ping settings, not the tests' fast ones.
+        rig = harness.Rig(sshd, flavor, gahp=gahp, ping_interval=15, ping_timeout=45)
+        cleanup.callback(rig.cleanup)
+        ours.append(rig.dir)
+        rig.start_server()
+        rigs.append(rig)
+        key, name = ("rvgahp", "rvgahp") if flavor.python else ("pyz", "rvgahp (pyz)")
+        modes.append(Rvgahp(key, name, rig))
+    if args.logs:
+        cleanup.callback(copy_logs, args.logs, sshd, rigs)
+    cleanup.callback(close_all_sessions)  # runs first: sessions end before their servers
+    return sshd, modes
+
+
+def measure(modes, params):
+    results = {m.key: {} for m in modes}
+    log("session start, back to back: %d rounds over %d modes" % (params["sessions"], len(modes)))
+    for key, figures in back_to_back(modes, params["sessions"]).items():
+        results[key]["start_b2b"] = figures
+    for mode in modes:
+        log("%s: %d sessions at once" % (mode.name, BURST))
+        try:
+            results[mode.key]["burst"], results[mode.key]["memory"] = burst(mode, BURST)
+        except Exception as e:
+            results[mode.key]["burst"] = {"error": "%s: %s" % (type(e).__name__, e)}
+        close_all_sessions()
+        time.sleep(SETTLE)
+    log("round trips and throughput, the modes taking turns")
+    for key, figures in stream_figures(modes, params["bytes"], params["repeats"]).items():
+        results[key].update(figures)
+    return results
+
+
 def main(argv=None):
     args = parse_args(argv)
     params = {
@@ -750,44 +836,11 @@ def main(argv=None):
         signal.signal(signum, lambda n, _: sys.exit(128 + n))
 
     with contextlib.ExitStack() as cleanup:
-        work = harness.short_tempdir("bench")
-        cleanup.callback(shutil.rmtree, work, ignore_errors=True)
-        ours = [work]  # temp paths that only our processes name
-        cleanup.callback(reap_strays, ours)
-
-        python = real_python(args.python)
-        gahp = write_gahp(work)
-        log("starting sshd")
-        sshd = harness.Sshd(os.path.join(work, "sshd"))
-        os.makedirs(sshd.dir)
-        cleanup.callback(sshd.stop)
-        sshd.start()
-
-        modes = [Direct(gahp), PlainSsh(sshd, gahp)]
-        rigs = []
-        flavors = [harness.Flavor("rvgahp.py", python, harness.RVGAHP)]
-        if not args.no_pyz and shiv_available():
-            log("building rvgahp.pyz")
-            try:
-                flavors.append(harness.Flavor("rvgahp.pyz", None, build_pyz(work)))
-            except (RuntimeError, subprocess.TimeoutExpired) as e:
-                log("no pyz column: %s" % e)
-        for flavor in flavors:
-            cleanup.callback(shutil.rmtree, flavor.bin, ignore_errors=True)
-        for flavor in flavors:
-            rig = harness.Rig(sshd, flavor, gahp=gahp, ping_interval=15, ping_timeout=45)
-            cleanup.callback(rig.cleanup)
-            ours.append(rig.dir)
-            rig.start_server()
-            rigs.append(rig)
-            key, name = ("rvgahp", "rvgahp") if flavor.python else ("pyz", "rvgahp (pyz)")
-            modes.append(Rvgahp(key, name, rig))
-        if args.logs:
-            cleanup.callback(copy_logs, args.logs, sshd, rigs)
-        cleanup.callback(close_all_sessions)  # runs first: sessions end before their servers
-
+        sshd, modes = set_up(cleanup, args)
+        rv_modes = [m for m in modes if isinstance(m, Rvgahp)]
         env = {
             "machine": "%s, %d cores, Linux %s" % (platform.node(), os.cpu_count() or 0, platform.release()),
+            "rvgahp.py": measured_source(),
             "sshd": "%s (%s); client %s" % (sshd_version(sshd), harness.find_sshd(), ssh_client_version()),
             "bench and GAHP Python": "%s (%s)" % (sys.executable, platform.python_version()),
             "python3 on PATH": python3_on_path(),
@@ -797,42 +850,22 @@ def main(argv=None):
         for mode in modes:
             for _ in range(WARMUP_SESSIONS):
                 start_once(mode)
-        for mode in modes[2:]:
+        for mode in rv_modes:
             env["%s roles" % mode.name] = role_interpreters(mode)
+        env["start-up costs, median of 5"] = startup_costs(rv_modes[0].rig.flavor.python, rv_modes)
 
-        results = {m.key: {} for m in modes}
-        log("session start, back to back: %d rounds over %d modes" % (params["sessions"], len(modes)))
-        for key, figures in back_to_back(modes, params["sessions"]).items():
-            results[key]["start_b2b"] = figures
-        for mode in modes:
-            log("%s: %d sessions at once" % (mode.name, BURST))
-            try:
-                results[mode.key]["burst"], results[mode.key]["memory"] = burst(mode, BURST)
-            except Exception as e:
-                results[mode.key]["burst"] = {"error": "%s: %s" % (type(e).__name__, e)}
-            close_all_sessions()
-            time.sleep(SETTLE)
-        log("round trips and throughput, the modes taking turns")
-        for key, figures in stream_figures(modes, params["bytes"], params["repeats"]).items():
-            results[key].update(figures)
+        results = measure(modes, params)
 
         env["load average at end"] = load_average()
-        for rig, mode in zip(rigs, modes[2:]):
-            env["%s logs" % mode.name] = {
-                "server": summarize_log(log_findings(rig.server_log, rig.server.pid)),
-                "proxy": summarize_log(log_findings(rig.proxy_log)),
-            }
-            results[mode.key]["logs"] = {
-                "server": log_findings(rig.server_log, rig.server.pid),
-                "proxy": log_findings(rig.proxy_log),
-            }
-        for mode in modes[2:]:
+        for mode in rv_modes:
+            logs = {"server": log_findings(mode.rig.server_log, mode.rig.server.pid), "proxy": log_findings(mode.rig.proxy_log)}
+            results[mode.key]["logs"] = logs
+            env["%s logs" % mode.name] = {role: summarize_log(findings) for role, findings in logs.items()}
             results[mode.key]["targets"] = [{"target": t, "figure": f, "verdict": v} for t, f, v in evaluate_targets(results, mode.key)]
-        text = report(results, modes, params, env)
-        print(text)
-        for mode in modes[2:]:
-            for role in ("server", "proxy"):
-                for line in results[mode.key]["logs"][role]["notable"]:
+        print(report(results, modes, params, env))
+        for mode in rv_modes:
+            for role, findings in results[mode.key]["logs"].items():
+                for line in findings["notable"]:
                     print("  %s %s log: %s" % (mode.name, role, line))
         if args.json:
             with open(args.json, "w") as f:
@@ -845,6 +878,20 @@ def main(argv=None):
 
 def summarize_log(findings):
     return "%d lines, link up %d time(s), %d notable line(s)" % (findings["lines"], findings["links_up"], findings.get("notable_count", 0))
+
+
+def measured_source():
+    """Which rvgahp.py was measured: it changes often, so name it by hash and commit."""
+    with open(harness.RVGAHP, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+
+    def git(*args):
+        out = subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "?"
+    dirty = git("status", "--porcelain", "--", "rvgahp.py")
+    return "sha256 %s... (git %s%s)" % (digest, commit, ", with uncommitted changes" if dirty else "")
 
 
 def load_average():

@@ -322,6 +322,52 @@ class Rig:
             env=env,
         )
 
+    # The processes of this rig's chain, found from /proc.
+
+    def transport_pid(self):
+        """The ssh client the server runs as its transport (its child, argv[0] ssh)."""
+        for pid in children_of(self.server.pid):
+            if cmdline(pid)[:1] == ["ssh"]:
+                return pid
+        return None
+
+    def proxy_pid(self):
+        for pid in pids_running("rvgahp_proxy %s" % self.sock):
+            argv = cmdline(pid)
+            if argv and not argv[0].endswith("ssh") and argv[-1] == self.sock:
+                return pid
+        return None
+
+    def sshd_session_pid(self):
+        """The sshd process whose child is the proxy: the session's own sshd."""
+        proxy = self.proxy_pid()
+        return parent_of(proxy) if proxy else None
+
+    def gahp_pids(self):
+        """Every live GAHP this rig's servers started, wherever it is now (only GAHPs
+        carry CONDOR_CONFIG pointing at this rig's config)."""
+        marker = ("CONDOR_CONFIG=%s" % self.config).encode()
+        found = []
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open("/proc/%s/environ" % name, "rb") as f:
+                        if marker in f.read().split(b"\0") and process_state(int(name)) not in (None, "Z"):
+                            found.append(int(name))
+                except OSError:
+                    pass
+        return found
+
+    def zombies(self):
+        if self.server is None or self.server.poll() is not None:
+            return []
+        return [pid for pid in children_of(self.server.pid) if process_state(pid) == "Z"]
+
+    def orphans(self):
+        """GAHPs of this rig that are not the current server's children."""
+        server = self.server.pid if self.server and self.server.poll() is None else None
+        return [pid for pid in self.gahp_pids() if parent_of(pid) != server]
+
     def stop(self):
         if self.server and self.server.poll() is None:
             self.server.send_signal(signal.SIGTERM)
@@ -413,7 +459,10 @@ class GahpSession:
     def finish(self, timeout=15):
         """Close stdin as the GridManager does and return (exit status, stderr)."""
         if self.proc.stdin and not self.proc.stdin.closed:
-            self.proc.stdin.close()
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
         status = self.proc.wait(timeout)
         err = self.proc.stderr.read().decode(errors="replace")
         self.close()
@@ -423,7 +472,10 @@ class GahpSession:
         self.selector.close()
         for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if f and not f.closed:
-                f.close()
+                try:
+                    f.close()
+                except OSError:
+                    pass  # stdin of a client that has died: nothing to flush to
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
@@ -442,6 +494,68 @@ def children_of(pid):
             except (OSError, IndexError, ValueError):
                 pass
     return kids
+
+
+def parent_of(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def cmdline(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def quick_session(sock, gahp="blahpd", timeout=10):
+    """A whole session without a client process, for soaks: hand the proxy a pair of
+    pipes, read the banner, close stdin, read to EOF, and return the CLOSE fields."""
+    import array
+
+    sys.path.insert(0, REPO)
+    import rvgahp
+
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(sock)
+        request = rvgahp.frame(rvgahp.OPEN, 0, rvgahp.encode_fields({"gahp": gahp}))
+        s.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [in_r, out_w]))])
+        os.close(in_r)
+        os.close(out_w)
+        in_r = out_w = None
+        reader = rvgahp.FrameReader()
+        replies = []
+        while len(replies) < 2:
+            data = s.recv(65536)
+            if not data:
+                break
+            replies += reader.feed(data)
+            if replies and replies[0][0] == rvgahp.ACCEPT and in_w is not None:
+                banner = os.read(out_r, 4096)
+                assert banner.startswith(b"$GahpVersion"), banner
+                os.close(in_w)  # the GAHP sees EOF and ends
+                in_w = None
+                while os.read(out_r, 65536):
+                    pass
+        kinds = [k for k, _, _ in replies]
+        assert kinds == [rvgahp.ACCEPT, rvgahp.CLOSE], kinds
+        return rvgahp.decode_fields(replies[1][2])
+    finally:
+        s.close()
+        for fd in (in_r, in_w, out_r, out_w):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
 
 def process_state(pid):

@@ -179,6 +179,16 @@ def test_backoff_is_immediate_after_a_link_that_held(monkeypatch):
     assert b.next_delay(held_for=rvgahp.LINK_STABLE + 1, now=100.0) == 0.0
 
 
+def test_one_early_drop_reconnects_at_once_but_a_flapping_link_backs_off():
+    b = rvgahp.Backoff(cap=300)
+    b.attempted(0.0)
+    assert b.next_delay(held_for=3.0, now=100.0) == 0.0
+    b.attempted(100.0)
+    assert 0.75 <= b.next_delay(held_for=3.0, now=200.0) <= 1.25
+    b.attempted(200.0)
+    assert 1.5 <= b.next_delay(held_for=3.0, now=300.0) <= 2.5
+
+
 def test_backoff_grows_with_jitter_and_is_capped():
     b = rvgahp.Backoff(cap=20)
     now = 0.0
