@@ -305,7 +305,8 @@ PING = 9  # link liveness; answered by PONG with the same payload
 PONG = 10
 RETRY = 11  # proxy -> client only: the link went away before the GAHP started; ask again
 STATE = 12  # proxy -> server: it became the socket's owner, or cannot be (fields: state, reason)
-FRAME_NAMES = {v: k for k, v in list(globals().items()) if k.isupper() and isinstance(v, int) and 1 <= v <= 12}
+STATUS = 13  # client <-> proxy only: how is the link? (reply fields: see Proxy.status)
+FRAME_NAMES = {v: k for k, v in list(globals().items()) if k.isupper() and isinstance(v, int) and 1 <= v <= 13}
 
 # A login shell may print a banner before the proxy starts, so each end of the link
 # begins with this line and the reader skips anything before it.
@@ -1602,6 +1603,10 @@ class Proxy:
         self.waiting = []  # sessions that arrived before the server's hello
         self.clients = set()
         self.next_cid = 0
+        self.started = time.time()
+        self.link_up_at = None
+        self.sessions_total = 0
+        self.sessions_refused = 0
 
     def run(self):
         import signal
@@ -1737,6 +1742,7 @@ class Proxy:
                 close_fd(fd)
             return
         cid = self._new_cid()
+        self.sessions_total += 1
         session = ProxySession(self, cid, conn, gahp, fds[0], fds[1])
         conn.session = session
         self.link.channels[cid] = session
@@ -1744,6 +1750,21 @@ class Proxy:
             session.send_open()
         else:
             self.waiting.append(session)
+
+    def status(self):
+        """What `rvgahp_client --status` shows an admin."""
+        peer = self.link.peer or {}
+        rtt = self.link.rtt
+        return {
+            "socket": self.sockpath,
+            "proxy": "pid %d on %s, rvgahp %s, up since %s" % (os.getpid(), socket.gethostname(), VERSION, timestamp(self.started)[:19]),
+            "link": "up since %s" % timestamp(self.link_up_at)[:19] if self.link_up_at else "waiting for the server's hello",
+            "server": "pid %s on %s, rvgahp %s" % (peer.get("pid", "?"), peer.get("host", "?"), peer.get("rvgahp", "?")),
+            "ping": "every %g s, dead after %g s, last round trip %s"
+            % (self.link.ping_interval, self.link.ping_timeout, "%.1f ms" % (rtt * 1000) if rtt is not None else "not yet measured"),
+            "sessions": "%d open, %d since the link came up, %d refused"
+            % (len(self.link.channels), self.sessions_total, self.sessions_refused),
+        }
 
     def _new_cid(self):
         while True:
@@ -1765,6 +1786,7 @@ class Proxy:
             "link up: server pid %s on %s (rvgahp %s)" % (fields.get("pid", "?"), fields.get("host", "?"), fields.get("rvgahp", "?"))
         )
         self.ready = True
+        self.link_up_at = time.time()
         waiting, self.waiting = self.waiting, []
         for session in waiting:
             if not session.released:
@@ -1880,6 +1902,12 @@ class ClientConn:
             if not frames:
                 raise ProtocolError("a request split from its fds")
             kind, _, payload = frames[0]
+            if kind == STATUS:
+                for fd in fds:
+                    close_fd(fd)
+                self.reader = None
+                self.finish(STATUS, self.proxy.status())
+                return
             if kind != OPEN:
                 raise ProtocolError("frame type %d instead of a request" % kind)
             fields = decode_fields(payload)
@@ -1925,13 +1953,9 @@ class ClientConn:
 
 
 def check_request(fields):
-    gahp = fields.get("gahp", "")
-    if not gahp:
+    # Which GAHPs exist is the server's to say (it has the config); we only need a name.
+    if not fields.get("gahp"):
         raise ProtocolError("no GAHP named")
-    if gahp not in GAHPS:
-        # Not a protocol error: an honest request for something we do not run.
-        return
-    return
 
 
 class ProxySession(Channel):
@@ -1955,6 +1979,7 @@ class ProxySession(Channel):
         self.begin_relay()
 
     def refused(self, fields):
+        self.proxy.sessions_refused += 1
         self.log.info("session %d: %s refused: %s" % (self.cid, self.gahp, fields.get("reason", "?")))
         self.conn.finish(REFUSE, fields)
         self.release()
@@ -2012,6 +2037,7 @@ CLIENT_USAGE = (
     """\
 usage: rvgahp_client SOCKPATH GAHP_NAME
        rvgahp_client [--rgahp-* ...] [user@host[:port]] --rvgahp-socket SOCKPATH [--] GAHP_NAME
+       rvgahp_client --status SOCKPATH
 
 HTCondor's REMOTE_GAHP. Asks the rvgahp_proxy on SOCKPATH for a GAHP on the cluster
 (blahpd, batch_gahp or condor_ft-gahp) and connects it to this process's stdin and
@@ -2019,6 +2045,7 @@ stdout. The other --rgahp-* options of HTCondor's remote_gahp are accepted and i
 
   --rvgahp-wait SECONDS   how long to wait for a server to be connected
                           (default %g, or $RVGAHP_WAIT)
+  --status SOCKPATH       show the state of the link behind SOCKPATH and exit
 """
     % DEFAULT_CLIENT_WAIT
 )
@@ -2240,6 +2267,31 @@ def run_client(sockpath, gahp, wait):
     return int(fields.get("exit", 1))
 
 
+def show_status(sockpath):
+    """Ask the proxy how its link is, for an admin at a terminal."""
+    check_socket_path(sockpath)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(sockpath)
+    except OSError as e:
+        sock.close()
+        raise UserError(
+            "no rvgahp proxy is serving %s (%s): the link is down, or rvgahp_server is not running on the cluster"
+            % (sockpath, e.strerror or e)
+        )
+    sock.sendall(frame(STATUS, 0))
+    try:
+        reply = read_reply(sock, FrameReader(), time.monotonic() + 10)
+    except socket.timeout:
+        reply = None
+    sock.close()
+    if reply is None or reply[0] != STATUS:
+        raise UserError("the rvgahp proxy on %s did not answer a status request" % sockpath)
+    for key, value in reply[1].items():
+        sys.stdout.write("%-9s %s\n" % (key + ":", value))
+    return 0
+
+
 def client_main(args):
     if args in (["--help"], ["-h"]):
         sys.stdout.write(CLIENT_USAGE)
@@ -2247,6 +2299,10 @@ def client_main(args):
     if args == ["--version"]:
         sys.stdout.write("rvgahp_client %s\n" % VERSION)
         return 0
+    if args[:1] == ["--status"]:
+        if len(args) != 2:
+            raise UsageError("usage: rvgahp_client --status SOCKPATH")
+        return show_status(args[1])
     sockpath, gahp, wait = parse_client_args(args)
     return run_client(sockpath, gahp, wait)
 
@@ -2332,7 +2388,9 @@ def take_pid_lock(path):
     except OSError:
         other = os.read(fd, 64).decode("ascii", "replace").strip() or "?"
         os.close(fd)
-        sys.stderr.write("rvgahp_server: already running (pid %s)\n" % other)
+        # stdout, not stderr: this is the expected answer to cron's repeated starts,
+        # and a crontab can discard it while cron still mails real errors.
+        sys.stdout.write("rvgahp_server: already running (pid %s)\n" % other)
         return None
     return fd
 

@@ -222,3 +222,24 @@ def test_sessions_in_parallel_threads_keep_their_streams_apart(rig):
     for t in threads:
         t.join(120)
     assert errors == []
+
+
+def test_an_admin_can_ask_for_the_state_of_the_link(rig):
+    s = rig.session("blahpd")
+    s.banner()
+    result = subprocess.run(rig.flavor.argv("client", "--status", rig.sock), capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(":", 1) for line in result.stdout.decode().splitlines())
+    assert set(lines) == {"socket", "proxy", "link", "server", "ping", "sessions"}
+    assert lines["socket"].strip() == rig.sock
+    assert lines["link"].strip().startswith("up since ")
+    assert "pid %d on " % rig.server.pid in lines["server"]
+    assert lines["sessions"].strip().startswith("1 open, ")
+    assert s.finish() == (0, "")
+
+
+def test_status_of_a_socket_nobody_serves_says_so(rig):
+    missing = os.path.join(rig.dir, "nobody.sock")
+    result = subprocess.run(rig.flavor.argv("client", "--status", missing), capture_output=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.decode().startswith("rvgahp_client: no rvgahp proxy is serving %s (No such file or directory)" % missing)
