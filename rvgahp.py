@@ -304,6 +304,9 @@ WINDOW = 8  # credit: the receiver has consumed this many more bytes (4-byte cou
 PING = 9  # link liveness; answered by PONG with the same payload
 PONG = 10
 RETRY = 11  # proxy -> client only: the link went away before the GAHP started; ask again
+# After ACCEPT, the proxy ends a client's socket with one text line instead of a frame:
+# "exit N", "signal N" or "error TEXT". A line is what lets the waiting client be a
+# shell (see wait_in_shell) rather than a whole Python interpreter.
 STATE = 12  # proxy -> server: it became the socket's owner, or cannot be (fields: state, reason)
 STATUS = 13  # client <-> proxy only: how is the link? (reply fields: see Proxy.status)
 FRAME_NAMES = {v: k for k, v in list(globals().items()) if k.isupper() and isinstance(v, int) and 1 <= v <= 13}
@@ -419,6 +422,9 @@ class Link:
 
     def set_ping(self, interval, timeout):
         self.ping_interval, self.ping_timeout = interval, timeout
+        if self.timer is not None:  # re-plan the next tick on the new interval
+            self.timer.cancel()
+            self._tick()
 
     def send(self, kind, channel, payload=b""):
         if self.closed:
@@ -434,7 +440,8 @@ class Link:
                 channel.refresh()
 
     def _write_failed(self):
-        self.close("the link's write side is closed")
+        self.ended_by_peer = True  # EPIPE: the reader at the far end is gone
+        self.close("the peer closed the link" if self.synced else "the transport ended before the link started")
 
     def _tick(self):
         """Ping, and declare the link dead when the peer has been silent too long."""
@@ -503,6 +510,8 @@ class Link:
         if kind == HELLO:
             self.peer = decode_fields(payload)
             self.events.on_hello(self.peer)
+            self.last_ping = time.monotonic()
+            self.send(PING, 0, struct.pack("!d", self.last_ping))  # a first round-trip figure at once
         elif kind == PING:
             self.send(PONG, 0, payload)
         elif kind == PONG:
@@ -783,6 +792,14 @@ def describe_status(status):
     if os.WIFSIGNALED(status):
         return {"signal": os.WTERMSIG(status)}
     return {"exit": os.WEXITSTATUS(status)}
+
+
+def status_line(fields):
+    """The line an accepted client's socket ends with: exit N, signal N or error TEXT."""
+    for key in ("error", "signal", "exit"):
+        if key in fields:
+            return "%s %s\n" % (key, str(fields[key]).replace("\n", " "))
+    return "error the session ended without a status\n"
 
 
 def status_text(fields):
@@ -1932,6 +1949,12 @@ class ClientConn:
         self.reply(kind, fields)
         self.outbox.when_drained(self.close)
 
+    def finish_line(self, line):
+        """End an accepted session's socket with its status line."""
+        if not self.closed:
+            self.outbox.write(line.encode("utf-8"))
+        self.outbox.when_drained(self.close)
+
     def gone(self):
         """The client hung up (it exited, or was killed)."""
         session = self.session
@@ -1997,7 +2020,7 @@ class ProxySession(Channel):
         def delivered():
             self.end_sink()
             self.log.info("session %d: %s ended (%s) after %s" % (self.cid, self.gahp, status_text(fields), self.summary()))
-            self.conn.finish(CLOSE, fields)
+            self.conn.finish_line(status_line(fields))
             self.release()
 
         self.sink.when_drained(delivered)
@@ -2014,7 +2037,7 @@ class ProxySession(Channel):
         if self.released:
             return
         if self.state == "open":
-            self.conn.finish(CLOSE, {"error": "the link to the cluster went down mid-session (%s)" % reason})
+            self.conn.finish_line(status_line({"error": "the link to the cluster went down mid-session (%s)" % reason}))
         else:
             self.conn.finish(RETRY, {"reason": reason})
         self.release()
@@ -2197,9 +2220,27 @@ def connect_to_proxy(sockpath, deadline, wait):
         delay = min(delay * 2, 0.25)
 
 
-def read_reply(sock, reader, deadline):
-    """The proxy's next reply as (kind, fields); None if it hung up; raises on timeout."""
-    while True:
+def read_reply(sock, deadline):
+    """The proxy's next reply as (kind, fields); None if it hung up; raises on timeout.
+
+    It reads exactly one frame and not a byte more: what follows an ACCEPT is the
+    status line, and that belongs to whoever waits for it, perhaps a shell.
+    """
+    header = recv_exactly(sock, HEADER.size, deadline)
+    if header is None:
+        return None
+    kind, _, length = HEADER.unpack(header)
+    if length > MAX_FIELDS:
+        raise UserError("the rvgahp proxy sent a %d-byte reply; is something else listening on the socket?" % length)
+    payload = recv_exactly(sock, length, deadline)
+    if payload is None:
+        return None
+    return kind, decode_fields(payload)
+
+
+def recv_exactly(sock, size, deadline):
+    data = b""
+    while len(data) < size:
         if deadline is None:
             sock.settimeout(None)
         else:
@@ -2208,17 +2249,68 @@ def read_reply(sock, reader, deadline):
                 raise socket.timeout()
             sock.settimeout(left)
         try:
-            data = sock.recv(READ_SIZE)
-        except OSError as e:
-            if isinstance(e, socket.timeout):
-                raise
-            data = b""
-        if not data:
+            chunk = sock.recv(size - len(data))
+        except socket.timeout:
+            raise
+        except OSError:
+            chunk = b""
+        if not chunk:
             return None
-        frames = reader.feed(data)
-        if frames:
-            kind, _, payload = frames[0]
-            return kind, decode_fields(payload)
+        data += chunk
+    return data
+
+
+# The client's last act when its stdin and stdout are handed over: become a shell that
+# waits for the status line and exits as the GAHP did. A Python interpreter idling for
+# hours costs 10-20 MB per session on the submit host; a shell costs one or two.
+# The GAHP's name and the socket are arguments, never part of the script.
+WAIT_SCRIPT = """\
+IFS= read -r status <&3
+case $status in
+"exit "*) exit "${status#exit }" ;;
+"signal "*) echo "rvgahp_client: $1 was killed by signal ${status#signal } on the cluster" >&2
+    exit $((128 + ${status#signal })) ;;
+"error "*) echo "rvgahp_client: $1 session ended: ${status#error }" >&2; exit 1 ;;
+esac
+echo "rvgahp_client: lost the rvgahp proxy on $2 mid-session; is the link to the cluster down?" >&2
+exit 1
+"""
+
+
+def wait_in_shell(sock, gahp, sockpath):
+    """exec /bin/sh with the socket on fd 3; returns only if that is impossible."""
+    sock.setblocking(True)  # a timeout left O_NONBLOCK set; the shell's read would see EAGAIN as EOF
+    fd = sock.fileno()
+    if fd == 3:
+        os.set_inheritable(3, True)
+    else:
+        os.dup2(fd, 3)
+    try:
+        os.execv("/bin/sh", ["rvgahp_client", "-c", WAIT_SCRIPT, "rvgahp_client", gahp, sockpath])
+    except OSError:
+        pass
+
+
+def wait_in_python(sock, gahp, sockpath):
+    """The same wait as WAIT_SCRIPT, for when our own threads must keep pumping."""
+    line = b""
+    sock.settimeout(None)
+    while not line.endswith(b"\n"):
+        try:
+            chunk = sock.recv(MAX_FIELDS)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            break
+        line += chunk
+    word, _, rest = line.decode("utf-8", "replace").strip().partition(" ")
+    if word == "exit" and rest.isdigit():
+        return int(rest)
+    if word == "signal" and rest.isdigit():
+        raise GahpKilled(128 + int(rest), "%s was killed by signal %s on the cluster" % (gahp, rest))
+    if word == "error":
+        raise UserError("%s session ended: %s" % (gahp, rest))
+    raise UserError("lost the rvgahp proxy on %s mid-session; is the link to the cluster down?" % sockpath)
 
 
 def run_client(sockpath, gahp, wait):
@@ -2235,9 +2327,8 @@ def run_client(sockpath, gahp, wait):
         except OSError:
             reply = None  # the proxy went away between accept and our request
         else:
-            reader = FrameReader()
             try:
-                reply = read_reply(sock, reader, deadline)
+                reply = read_reply(sock, deadline)
             except socket.timeout:
                 raise UserError("the rvgahp server did not start %s within %g s" % (gahp, wait))
         if reply is not None and reply[0] == ACCEPT:
@@ -2254,17 +2345,13 @@ def run_client(sockpath, gahp, wait):
             )
         time.sleep(0.05)
     handoff.complete()
-    final = read_reply(sock, reader, None)
-    sock.close()
-    handoff.finish()
-    if final is None:
-        raise UserError("lost the rvgahp proxy on %s mid-session; is the link to the cluster down?" % sockpath)
-    _, fields = final
-    if "error" in fields:
-        raise UserError("%s session ended: %s" % (gahp, fields["error"]))
-    if "signal" in fields:
-        raise GahpKilled(128 + int(fields["signal"]), "%s was killed by signal %s on the cluster" % (gahp, fields["signal"]))
-    return int(fields.get("exit", 1))
+    if not handoff.pumps:
+        wait_in_shell(sock, gahp, sockpath)
+    try:
+        return wait_in_python(sock, gahp, sockpath)
+    finally:
+        sock.close()
+        handoff.finish()
 
 
 def show_status(sockpath):
@@ -2281,7 +2368,7 @@ def show_status(sockpath):
         )
     sock.sendall(frame(STATUS, 0))
     try:
-        reply = read_reply(sock, FrameReader(), time.monotonic() + 10)
+        reply = read_reply(sock, time.monotonic() + 10)
     except socket.timeout:
         reply = None
     sock.close()

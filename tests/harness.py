@@ -514,7 +514,7 @@ def cmdline(pid):
 
 def quick_session(sock, gahp="blahpd", timeout=10):
     """A whole session without a client process, for soaks: hand the proxy a pair of
-    pipes, read the banner, close stdin, read to EOF, and return the CLOSE fields."""
+    pipes, read the banner, close stdin, read to EOF, and return the status line."""
     import array
 
     sys.path.insert(0, REPO)
@@ -531,23 +531,20 @@ def quick_session(sock, gahp="blahpd", timeout=10):
         os.close(in_r)
         os.close(out_w)
         in_r = out_w = None
-        reader = rvgahp.FrameReader()
-        replies = []
-        while len(replies) < 2:
-            data = s.recv(65536)
-            if not data:
-                break
-            replies += reader.feed(data)
-            if replies and replies[0][0] == rvgahp.ACCEPT and in_w is not None:
-                banner = os.read(out_r, 4096)
-                assert banner.startswith(b"$GahpVersion"), banner
-                os.close(in_w)  # the GAHP sees EOF and ends
-                in_w = None
-                while os.read(out_r, 65536):
-                    pass
-        kinds = [k for k, _, _ in replies]
-        assert kinds == [rvgahp.ACCEPT, rvgahp.CLOSE], kinds
-        return rvgahp.decode_fields(replies[1][2])
+        reply = rvgahp.read_reply(s, time.monotonic() + timeout)
+        assert reply is not None and reply[0] == rvgahp.ACCEPT, reply
+        banner = os.read(out_r, 4096)
+        assert banner.startswith(b"$GahpVersion"), banner
+        os.close(in_w)  # the GAHP sees EOF and ends
+        in_w = None
+        while os.read(out_r, 65536):
+            pass
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = s.recv(4096)
+            assert chunk, "the socket closed before the status line (%r)" % line
+            line += chunk
+        return line.decode().strip()
     finally:
         s.close()
         for fd in (in_r, in_w, out_r, out_w):

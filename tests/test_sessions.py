@@ -102,6 +102,28 @@ def test_client_with_no_server_behind_the_socket_fails_fast_with_one_line(rig):
     )
 
 
+def test_a_waiting_client_is_a_small_shell_not_an_interpreter(rig):
+    """Once it has handed over its pipes, the client waits as /bin/sh: same pid, so the
+    GridManager's SIGTERM still reaches it, at a fraction of the memory."""
+    s = rig.session("blahpd")
+    s.banner()
+    assert s.command("ECHO waiting") == "S waiting"
+    exe = os.path.realpath("/proc/%d/exe" % s.proc.pid)
+    assert "python" not in os.path.basename(exe), exe
+    assert os.path.basename(exe) in ("sh", "dash", "bash", "busybox"), exe
+    assert s.finish() == (0, "")
+
+
+def test_a_client_on_files_reports_the_gahp_exit_status_too(rig):
+    """Not a pipe: the client pumps itself, waits in Python, and exits the same way."""
+    cmds = os.path.join(rig.dir, "exit5.txt")
+    with open(cmds, "wb") as f:
+        f.write(b"EXIT 5\r\n")
+    with open(cmds, "rb") as stdin, open(os.devnull, "wb") as stdout:
+        result = subprocess.run(rig.client_argv("blahpd"), stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, timeout=30)
+    assert (result.returncode, result.stderr) == (5, b"")
+
+
 def test_the_gahp_exit_status_reaches_the_gridmanager(rig):
     s = rig.session("blahpd")
     s.banner()
