@@ -144,6 +144,17 @@ def quick(sock, timeout=5.0):
         return harness.quick_session(sock, timeout=timeout)
 
 
+def short_command(command):
+    """'ssh', 'sshd: root@notty', 'python3 rvgahp_proxy': what a killed process was."""
+    words = command.split()
+    if not words:
+        return "?"
+    name = os.path.basename(words[0])
+    if name.startswith("python") and len(words) > 1:
+        return "%s %s" % (name, os.path.basename(words[1]))
+    return command[:40] if name.startswith("sshd") else name
+
+
 def ended_well(status):
     """quick_session's result for a GAHP that exited 0: CLOSE fields, or (newer) the status line."""
     return status in ({"exit": "0"}, "exit 0")
@@ -746,8 +757,8 @@ def report(results):
                     kind = re.sub(r"^\d+x ", "", e)[:90]
                     seen[kind] = seen.get(kind, 0) + 1
             out.append(
-                "  %s = %r; while waiting, attempts failed with: %s"
-                % (TARGET_NAMES[target], trials[0]["victim"][:60], "; ".join(sorted(seen)) or "nothing (first attempt worked)")
+                "  %s (%s): while waiting, failed attempts said: %s"
+                % (TARGET_NAMES[target], short_command(trials[0]["victim"]), "; ".join(sorted(seen)) or "nothing (first attempt worked)")
             )
         for key, entry in results["kills"].items():
             for f in entry["failures"]:

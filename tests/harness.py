@@ -389,6 +389,7 @@ class GahpSession:
 
     def __init__(self, argv, env=None, stdin=subprocess.PIPE):
         self.proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        self._stderr = None
         self.buf = b""
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.proc.stdout, selectors.EVENT_READ)
@@ -452,9 +453,12 @@ class GahpSession:
         return self.proc.wait(timeout)
 
     def stderr_text(self):
-        if self.proc.poll() is None:
-            return "(still running)"
-        return self.proc.stderr.read().decode(errors="replace")
+        """All the client wrote on stderr, once it has exited (read once, then kept)."""
+        if self._stderr is None:
+            if self.proc.poll() is None:
+                return "(still running)"
+            self._stderr = self.proc.stderr.read().decode(errors="replace")
+        return self._stderr
 
     def finish(self, timeout=15):
         """Close stdin as the GridManager does and return (exit status, stderr)."""
@@ -464,7 +468,7 @@ class GahpSession:
             except OSError:
                 pass
         status = self.proc.wait(timeout)
-        err = self.proc.stderr.read().decode(errors="replace")
+        err = self.stderr_text()
         self.close()
         return status, err
 

@@ -78,7 +78,7 @@ class Chatter:
         """The client exited non-zero and said why, in one line on stderr."""
         self.halt()
         status = self.session.proc.wait(timeout)
-        err = self.session.proc.stderr.read().decode()
+        err = self.session.stderr_text()
         self.session.close()
         lines = err.splitlines()
         assert status != 0, "client exited 0 after a fault"
