@@ -47,6 +47,8 @@ MAX_FIELDS = 4096  # a hello, a request, a reply
 MAX_NOISE = 64 * 1024  # what a login shell may print before the link starts
 MAX_LOG_LINE = 2000
 MAX_SESSIONS = 1000
+SPARE_AFTER = 0.05  # start a replacement spare this long after handing one out, so the
+# session that took it gets its banner relayed before the server spends time on a fork
 
 # Timings, in seconds. Those an admin may want to change are also config knobs.
 DEFAULT_PING_INTERVAL = 15.0
@@ -56,6 +58,7 @@ DEFAULT_BACKOFF_MAX = 300.0
 BACKOFF_FIRST = 1.0
 LINK_STABLE = 30.0  # a link up this long has proved the login works
 MAX_LOGINS_PER_MINUTE = 6  # sites lock accounts that log in in storms
+LOGIN_WINDOW = 61.0  # "a minute", with a second to spare for sites that count whole seconds
 EXIT_LINGER = 2.0  # wait this long for a dead GAHP's stdout to reach EOF
 GAHP_TERM_AFTER = 5.0  # after its session ends, a GAHP gets this long to exit on EOF
 GAHP_KILL_AFTER = 5.0  # ...and then this long after SIGTERM before SIGKILL
@@ -311,6 +314,11 @@ STATE = 12  # proxy -> server: it became the socket's owner, or cannot be (field
 STATUS = 13  # client <-> proxy only: how is the link? (reply fields: see Proxy.status)
 FRAME_NAMES = {v: k for k, v in list(globals().items()) if k.isupper() and isinstance(v, int) and 1 <= v <= 13}
 
+# What a client and the proxy on the same host must agree on (the requests, and what
+# follows ACCEPT). A new rvgahp.pyz on the submit host meets the old proxy of a link
+# that is still up; this number is how that gets a clear refusal instead of confusion.
+CLIENT_PROTOCOL = 1
+
 # A login shell may print a banner before the proxy starts, so each end of the link
 # begins with this line and the reader skips anything before it.
 LINK_MAGIC = b"RVGAHP-LINK/"
@@ -366,15 +374,16 @@ class FrameReader:
         self.buf += data
         frames = []
         offset = 0
-        while len(self.buf) - offset >= HEADER.size:
-            kind, channel, length = HEADER.unpack_from(self.buf, offset)
-            if length > MAX_PAYLOAD:
-                raise ProtocolError("a %d-byte frame (the limit is %d)" % (length, MAX_PAYLOAD))
-            end = offset + HEADER.size + length
-            if len(self.buf) < end:
-                break
-            frames.append((kind, channel, bytes(self.buf[offset + HEADER.size : end])))
-            offset = end
+        with memoryview(self.buf) as view:  # slicing a view: one copy per payload, not two
+            while len(view) - offset >= HEADER.size:
+                kind, channel, length = HEADER.unpack_from(view, offset)
+                if length > MAX_PAYLOAD:
+                    raise ProtocolError("a %d-byte frame (the limit is %d)" % (length, MAX_PAYLOAD))
+                start = offset + HEADER.size
+                if len(view) < start + length:
+                    break
+                frames.append((kind, channel, bytes(view[start : start + length])))
+                offset = start + length
         del self.buf[:offset]
         return frames
 
@@ -388,7 +397,7 @@ class Link:
     Both ends send LINK_START and a HELLO, then frames. Either end pings; anything heard
     counts as life, and a link silent past the timeout is closed. Channel frames go to
     the Channel objects in self.channels; the role (`events`) hears on_hello, on_open,
-    on_noise and on_link_closed.
+    on_state, on_noise and on_link_closed.
     """
 
     def __init__(self, loop, log, rfd, wfd, events):
@@ -429,7 +438,8 @@ class Link:
     def send(self, kind, channel, payload=b""):
         if self.closed:
             return
-        self.outbox.write(frame(kind, channel, payload))
+        # Header and payload go out as two chunks of one writev: no copy to join them.
+        self.outbox.write(HEADER.pack(kind, channel, len(payload)), payload)
         if not self.congested and self.outbox.size > LINK_HIGH_WATER:
             self.congested = True
 
@@ -450,13 +460,14 @@ class Link:
         now = time.monotonic()
         silent = now - self.last_heard
         if silent > self.ping_timeout:
-            self.close("no word from the peer for %.0f s (ping timeout)" % silent)
+            self.close("ping timeout: no word from the peer for %.0f s" % silent)
             return
         if now - self.last_ping >= self.ping_interval:
             self.last_ping = now
             self.send(PING, 0, struct.pack("!d", now))
-        step = min(self.ping_interval, self.ping_timeout / 4.0, 5.0)
-        self.timer = self.loop.call_later(step, self._tick)
+        # Wake for the next ping, or the moment the silence would pass the timeout.
+        wake = min(self.last_ping + self.ping_interval, self.last_heard + self.ping_timeout + 0.01)
+        self.timer = self.loop.call_later(max(0.05, wake - now), self._tick)
 
     def _readable(self):
         data = read_some(self.rfd, 4 * READ_SIZE)
@@ -750,12 +761,6 @@ def close_fd(fd):
             pass
 
 
-def make_pipe():
-    """A pipe whose ends are close-on-exec and non-blocking on our side."""
-    r, w = os.pipe()
-    return r, w
-
-
 def fd_is_streamable(fd):
     """Pipes and sockets can be polled and handed to the proxy; ttys and files cannot."""
     mode = os.fstat(fd).st_mode
@@ -852,7 +857,7 @@ class Loop:
         self.stopped = False
         self.signal_handlers = {}
         self.pending_signals = []
-        self.wake_r, self.wake_w = make_pipe()
+        self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
         self.on_readable(self.wake_r, self._drain_wakeups)
@@ -983,12 +988,15 @@ class Outbox:
         self.on_gone = on_gone
         self.on_drained = None
 
-    def write(self, data):
-        if self.gone or not data:
+    def write(self, *chunks):
+        if self.gone:
             return
-        self.queue.append(data)
-        self.size += len(data)
-        if len(self.queue) == 1:
+        idle = not self.queue
+        for chunk in chunks:
+            if chunk:
+                self.queue.append(chunk)
+                self.size += len(chunk)
+        if idle and self.queue:
             self._flush()
 
     def _flush(self):
@@ -1147,7 +1155,7 @@ class Backoff:
         self.attempts = []
 
     def attempted(self, now):
-        self.attempts = [t for t in self.attempts if now - t < 60.0] + [now]
+        self.attempts = [t for t in self.attempts if now - t < LOGIN_WINDOW] + [now]
 
     def next_delay(self, held_for, now):
         if held_for is not None and held_for >= LINK_STABLE:
@@ -1160,9 +1168,9 @@ class Backoff:
             if steps > 0:
                 jitter = int.from_bytes(os.urandom(2), "big") / 65535.0
                 delay = min(self.cap, BACKOFF_FIRST * 2 ** min(steps - 1, 30)) * (0.75 + 0.5 * jitter)
-        recent = [t for t in self.attempts if now - t < 60.0]
+        recent = [t for t in self.attempts if now - t < LOGIN_WINDOW]
         if len(recent) >= MAX_LOGINS_PER_MINUTE:
-            delay = max(delay, recent[-MAX_LOGINS_PER_MINUTE] + 60.0 - now)
+            delay = max(delay, recent[-MAX_LOGINS_PER_MINUTE] + LOGIN_WINDOW - now)
         return delay
 
 
@@ -1207,11 +1215,16 @@ class Server:
         self.backoff = Backoff(config.number("RVGAHP_BACKOFF_MAX", DEFAULT_BACKOFF_MAX, 0.0))
         self.gahp_stderr = config.get("RVGAHP_GAHP_STDERR") or os.path.join(layout.state_dir, "gahp_stderr.log")
         self.link = None
+        self.attempt_started = None
         self.link_up_at = None
+        self.failure = None  # why the current login attempt or link ended
+        self.next_attempt = None  # the timer for the next login
         self.transport_pid = None
         self.transport_status = None
         self.children = {}  # pid -> callback(status)
         self.sessions = {}  # pid -> ServerSession, until the process is reaped
+        self.spares = {}  # GAHP argv -> Spare: started ahead, for the next session of its kind
+        self.want_spares = config.number("RVGAHP_SPARE_GAHPS", 1, 0) > 0
         self.stopping = False
 
     def run(self):
@@ -1242,9 +1255,9 @@ class Server:
         if not os.path.isfile(transport):
             self._cannot_start("transport %s does not exist; create it (see the README)" % transport)
             return
-        link_in, transport_out = make_pipe()
-        transport_in, link_out = make_pipe()
-        err_r, err_w = make_pipe()
+        link_in, transport_out = os.pipe()
+        transport_in, link_out = os.pipe()
+        err_r, err_w = os.pipe()
         try:
             pid = spawn(["/bin/sh", transport], dict(os.environ), self.layout.home, transport_in, transport_out, err_w)
         except SpawnError as e:
@@ -1333,14 +1346,18 @@ class Server:
 
     def stop_transport(self, grace=0.0):
         pid = self.transport_pid
-        if pid is None or pid not in self.children:
+
+        def alive():  # this transport, not just this pid number: pids get reused
+            return pid is not None and self.transport_pid == pid and self.transport_status is None
+
+        if not alive():
             return
 
         def term():
-            if pid in self.children:
+            if alive():
                 signal_group(pid, "SIGTERM")
                 signal_group(pid, "SIGCONT")  # a stopped (hung) transport must wake to die
-                self.loop.call_later(TRANSPORT_KILL_AFTER, lambda: pid in self.children and signal_group(pid, "SIGKILL"))
+                self.loop.call_later(TRANSPORT_KILL_AFTER, lambda: alive() and signal_group(pid, "SIGKILL"))
 
         if grace:
             self.loop.call_later(grace, term)
@@ -1365,7 +1382,7 @@ class Server:
         if self.stopping:
             self._maybe_exit()
             return
-        if getattr(self, "next_attempt", None) is not None:
+        if self.next_attempt is not None:
             return
         if self.link_up_at is None:
             self.log.info("link attempt failed: %s" % self._diagnosis())
@@ -1407,13 +1424,25 @@ class Server:
             return
         try:
             argv, env = self.gahp_command(gahp)
-            session = self.start_gahp(cid, gahp, argv, env)
+            spare = self.spares.pop(tuple(argv), None)
+            if spare is not None:
+                pid, stdin_w, stdout_r = spare.hand_over()
+                origin = "a spare started %.1f s ago" % (time.monotonic() - spare.born)
+            else:
+                pid, stdin_w, stdout_r = self.spawn_gahp(argv, env)
+                origin = "started now"
         except UserError as e:
             self.refuse(cid, str(e))
             return
-        link.send(ACCEPT, cid, encode_fields({"pid": session.pid}))
+        session = ServerSession(self, cid, gahp, pid, stdout_r, stdin_w)
+        self.link.channels[cid] = session
+        self.sessions[pid] = session
+        self.children[pid] = session.exited
+        link.send(ACCEPT, cid, encode_fields({"pid": pid}))
         session.begin_relay()
-        self.log.info("session %d: started %s as pid %d (%s)" % (cid, gahp, session.pid, argv[0]))
+        self.log.info("session %d: %s runs as pid %d, %s (%s)" % (cid, gahp, pid, origin, argv[0]))
+        if self.want_spares:
+            self.loop.call_later(SPARE_AFTER, lambda: self.make_spare(gahp, argv, env))
 
     def refuse(self, cid, reason):
         self.log.info("session %d: refused: %s" % (cid, reason))
@@ -1426,6 +1455,7 @@ class Server:
             self.config = Config.load(self.config.path)
             self.config_stamp = stamp
             self.log.info("re-read config %s" % self.config.path)
+            self.discard_spares()  # they run with the old settings
         return self.config
 
     def _stamp(self):
@@ -1455,9 +1485,29 @@ class Server:
                 env[name] = value
         return [path] + args, env
 
-    def start_gahp(self, cid, gahp, argv, env):
-        stdin_r, stdin_w = make_pipe()
-        stdout_r, stdout_w = make_pipe()
+    def make_spare(self, gahp, argv, env):
+        """Start a GAHP of this kind before anyone asks, so the next session's is up."""
+        key = tuple(argv)
+        if self.stopping or key in self.spares or self._stamp() != self.config_stamp:
+            return
+        try:
+            pid, stdin_w, stdout_r = self.spawn_gahp(argv, env)
+        except UserError as e:
+            self.log.info("cannot start a spare %s: %s" % (gahp, e))
+            return
+        spare = Spare(self, key, gahp, pid, stdin_w, stdout_r)
+        self.spares[key] = spare
+        self.children[pid] = spare.exited
+
+    def discard_spares(self):
+        for spare in list(self.spares.values()):
+            spare.discard()
+        self.spares.clear()
+
+    def spawn_gahp(self, argv, env):
+        """fork + exec one GAHP; (pid, its stdin's write end, its stdout's read end)."""
+        stdin_r, stdin_w = os.pipe()
+        stdout_r, stdout_w = os.pipe()
         try:
             stderr_fd = os.open(self.gahp_stderr, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         except OSError as e:
@@ -1469,15 +1519,11 @@ class Server:
         except SpawnError as e:
             close_fd(stdin_w)
             close_fd(stdout_r)
-            raise UserError("cannot start %s: %s" % (gahp, e))
+            raise UserError("cannot start %s: %s" % (os.path.basename(argv[0]), e))
         finally:
             for fd in (stdin_r, stdout_w, stderr_fd):
                 close_fd(fd)
-        session = ServerSession(self, cid, gahp, pid, stdout_r, stdin_w)
-        self.link.channels[cid] = session
-        self.sessions[pid] = session
-        self.children[pid] = session.exited
-        return session
+        return pid, stdin_w, stdout_r
 
     def reap(self):
         while True:
@@ -1509,7 +1555,8 @@ class Server:
             return
         self.stopping = True
         self.log.info("shutting down: closing the link and ending %d GAHPs" % len(self.sessions))
-        if getattr(self, "next_attempt", None) is not None:
+        self.discard_spares()
+        if self.next_attempt is not None:
             self.next_attempt.cancel()
         if self.link is not None and not self.link.closed:
             self.link.close("the server is shutting down")
@@ -1542,6 +1589,53 @@ def signal_group(pid, name):
     except OSError:
         pass
     return True
+
+
+class Spare:
+    """A GAHP started before anyone asked, its banner waiting in the pipe.
+
+    One per kind in use, so a session start costs no GAHP start-up. A spare that dies
+    idle is not replaced until a session needs its kind again, so a GAHP that crashes
+    at start cannot turn into a fork loop.
+    """
+
+    def __init__(self, server, key, gahp, pid, stdin_w, stdout_r):
+        self.server = server
+        self.key = key
+        self.gahp = gahp
+        self.pid = pid
+        self.stdin_w = stdin_w
+        self.stdout_r = stdout_r
+        self.born = time.monotonic()
+        self.status = None
+
+    def hand_over(self):
+        """The process and its pipes, for a session; the spare lets go of them."""
+        fds = (self.pid, self.stdin_w, self.stdout_r)
+        self.stdin_w = self.stdout_r = None
+        return fds
+
+    def exited(self, status):
+        self.status = status
+        idle = self.server.spares.get(self.key) is self
+        self.discard()
+        if idle:
+            del self.server.spares[self.key]
+            self.server.log.info(
+                "spare %s pid %d exited while idle (%s); the next session starts its own"
+                % (self.gahp, self.pid, status_text(describe_status(status)))
+            )
+
+    def discard(self):
+        """Close its pipes: it sees EOF and exits, and is made to if it does not."""
+        close_fd(self.stdin_w)
+        close_fd(self.stdout_r)
+        self.stdin_w = self.stdout_r = None
+        if self.status is None:
+            # Our own status, not a pid lookup, says whether it still runs: a pid can be reused.
+            loop = self.server.loop
+            loop.call_later(GAHP_TERM_AFTER, lambda: self.status is None and signal_group(self.pid, "SIGTERM"))
+            loop.call_later(GAHP_TERM_AFTER + GAHP_KILL_AFTER, lambda: self.status is None and signal_group(self.pid, "SIGKILL"))
 
 
 class ServerSession(Channel):
@@ -1749,7 +1843,7 @@ class Proxy:
                 reason = "only uid %d may use %s, and this client is uid %s" % (os.getuid(), self.sockpath, uid)
                 self.log.info("rejected a client: %s" % reason)
                 conn.reader = None  # it gets no hearing
-                conn.finish(REFUSE, {"reason": reason})
+                conn.finish(REFUSE, {"reason": reason, "by": "proxy"})
 
     def open_session(self, conn, fields, fds):
         gahp = fields.get("gahp", "")
@@ -1929,15 +2023,22 @@ class ClientConn:
                 raise ProtocolError("frame type %d instead of a request" % kind)
             fields = decode_fields(payload)
             check_request(fields)
+            mismatch = protocol_mismatch(fields, self.proxy.sockpath)
             if len(fds) != 2:
                 raise ProtocolError("a request without its stdin and stdout")
         except ProtocolError as e:
             for fd in fds:
                 close_fd(fd)
             self.proxy.log.info("refused a client: %s" % e)
-            self.finish(REFUSE, {"reason": "malformed request: %s" % e})
+            self.finish(REFUSE, {"reason": "malformed request: %s" % e, "by": "proxy"})
             return
         self.reader = None
+        if mismatch:
+            for fd in fds:
+                close_fd(fd)
+            self.proxy.log.info("refused a client: %s" % mismatch)
+            self.finish(REFUSE, {"reason": mismatch, "by": "proxy"})
+            return
         self.proxy.open_session(self, fields, fds)
 
     def reply(self, kind, fields):
@@ -1979,6 +2080,18 @@ def check_request(fields):
     # Which GAHPs exist is the server's to say (it has the config); we only need a name.
     if not fields.get("gahp"):
         raise ProtocolError("no GAHP named")
+
+
+def protocol_mismatch(fields, sockpath):
+    """Why this proxy cannot serve this client, or None if it can."""
+    theirs = fields.get("protocol", "0")
+    if theirs == str(CLIENT_PROTOCOL):
+        return None
+    return (
+        "this rvgahp_client (rvgahp %s) speaks client protocol %s, and the rvgahp_proxy on %s (pid %d, rvgahp %s) speaks %d; "
+        "after upgrading rvgahp.pyz, restart the link by stopping that proxy (the server reconnects)"
+        % (fields.get("rvgahp", "before 1.0.0"), theirs, sockpath, os.getpid(), VERSION, CLIENT_PROTOCOL)
+    )
 
 
 class ProxySession(Channel):
@@ -2319,23 +2432,23 @@ def run_client(sockpath, gahp, wait):
 
     handoff = Handoff()
     deadline = time.monotonic() + wait
-    request = frame(OPEN, 0, encode_fields({"gahp": gahp, "rvgahp": VERSION}))
+    request = frame(OPEN, 0, encode_fields({"gahp": gahp, "rvgahp": VERSION, "protocol": CLIENT_PROTOCOL}))
     while True:
         sock = connect_to_proxy(sockpath, deadline, wait)
         try:
             sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", handoff.fds))])
         except OSError:
-            reply = None  # the proxy went away between accept and our request
-        else:
-            try:
-                reply = read_reply(sock, deadline)
-            except socket.timeout:
-                raise UserError("the rvgahp server did not start %s within %g s" % (gahp, wait))
+            pass  # the proxy may have answered and hung up before reading us: hear what it said
+        try:
+            reply = read_reply(sock, deadline)
+        except socket.timeout:
+            raise UserError("the rvgahp server did not start %s within %g s" % (gahp, wait))
         if reply is not None and reply[0] == ACCEPT:
             break
         sock.close()
         if reply is not None and reply[0] == REFUSE:
-            raise UserError("the rvgahp server refused %s: %s" % (gahp, reply[1].get("reason", "no reason given")))
+            by = reply[1].get("by", "server")
+            raise UserError("the rvgahp %s refused %s: %s" % (by, gahp, reply[1].get("reason", "no reason given")))
         if reply is not None and reply[0] != RETRY:
             raise UserError("unexpected reply %s from the rvgahp proxy" % FRAME_NAMES.get(reply[0], reply[0]))
         # The link went down before our GAHP started; a new one may come up in time.

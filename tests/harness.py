@@ -530,7 +530,7 @@ def quick_session(sock, gahp="blahpd", timeout=10):
     s.settimeout(timeout)
     try:
         s.connect(sock)
-        request = rvgahp.frame(rvgahp.OPEN, 0, rvgahp.encode_fields({"gahp": gahp}))
+        request = rvgahp.frame(rvgahp.OPEN, 0, rvgahp.encode_fields({"gahp": gahp, "protocol": rvgahp.CLIENT_PROTOCOL}))
         s.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [in_r, out_w]))])
         os.close(in_r)
         os.close(out_w)

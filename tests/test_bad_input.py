@@ -1,6 +1,9 @@
 """Bad input: each gets one clear line naming the offending thing, and the long-running
 processes keep serving everyone else."""
 
+# array is imported here, not in raw_request: a child that has dropped to another uid
+# may no longer be able to read the interpreter's own files to import it.
+import array
 import os
 import socket
 import stat
@@ -18,13 +21,14 @@ import rvgahp
 
 def raw_request(sock_path, payload_frames, fds=()):
     """Talk to the proxy as a broken client would; return its one reply (kind, fields)."""
-    import array
-
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(10)
     s.connect(sock_path)
     ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-    s.sendmsg([payload_frames], ancillary)
+    try:
+        s.sendmsg([payload_frames], ancillary)
+    except BrokenPipeError:
+        pass  # refused before it read us; its answer is still there to read
     reader = rvgahp.FrameReader()
     try:
         while True:
@@ -81,6 +85,20 @@ def test_malformed_requests_on_the_socket_are_refused_and_the_proxy_carries_on(r
     assert_still_serving(rig)
 
 
+def test_a_client_from_another_rvgahp_version_is_told_to_restart_the_link(rig):
+    """After an upgrade, new clients may meet the old proxy of a link still up."""
+    r, w = os.pipe()
+    try:
+        reply = raw_request(rig.sock, open_frame(gahp="blahpd", rvgahp="0.9", protocol="0"), (r, w))
+    finally:
+        os.close(r)
+        os.close(w)
+    assert reply[0] == rvgahp.REFUSE and reply[1]["by"] == "proxy"
+    assert "this rvgahp_client (rvgahp 0.9) speaks client protocol 0, and the rvgahp_proxy on %s" % rig.sock in reply[1]["reason"]
+    assert "restart the link by stopping that proxy" in reply[1]["reason"]
+    assert_still_serving(rig)
+
+
 def test_an_overlong_gahp_name_is_refused_in_one_line(rig):
     result = rig.run_client("b" * 5000)
     assert result.returncode == 1
@@ -114,6 +132,8 @@ def test_a_client_of_another_user_is_turned_away(rig):
                 os.setuid(65534)
                 reply = raw_request(rig.sock, open_frame(gahp="blahpd"), (0, 1))
                 os.write(w, repr(reply).encode())
+            except BaseException as e:
+                os.write(w, ("the child failed: %r" % e).encode())
             finally:
                 os._exit(0)
         os.close(w)
@@ -125,6 +145,33 @@ def test_a_client_of_another_user_is_turned_away(rig):
         os.chmod(rig.dir, 0o700)
     assert "only uid 0 may use %s, and this client is uid 65534" % rig.sock in reply
     assert_still_serving(rig)
+
+
+def test_the_real_client_of_another_user_is_told_why(make_rig):
+    system_python = "/usr/bin/python3"
+    if os.geteuid() != 0 or not os.access(system_python, os.X_OK):
+        pytest.skip("needs root and a system python3 that another user can run")
+    rig = make_rig()
+    rig.start_server()
+    os.chmod(rig.dir, 0o711)
+    os.chmod(rig.sock, 0o666)
+
+    def become_nobody():
+        os.setgid(65534)
+        os.setuid(65534)
+
+    result = subprocess.run(
+        [system_python, harness.RVGAHP, "client", "--rvgahp-wait", "3", rig.sock, "blahpd"],
+        preexec_fn=become_nobody,
+        stdin=subprocess.PIPE,
+        capture_output=True,
+        timeout=30,
+        cwd="/",
+    )
+    assert result.returncode == 1
+    assert one_line(result) == (
+        "rvgahp_client: the rvgahp proxy refused blahpd: only uid 0 may use %s, and this client is uid 65534" % rig.sock
+    )
 
 
 def test_the_socket_is_private_to_its_owner(rig):

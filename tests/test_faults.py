@@ -155,7 +155,7 @@ def test_a_hung_link_is_detected_by_pings_and_replaced(make_rig):
     _, line = chatter.ended_with_message()
     assert "the link to the cluster went down mid-session" in line
     rig.wait_link(count=2)
-    assert "no word from the peer for" in rig.log_text() and "(ping timeout)" in rig.log_text()
+    assert "ping timeout: no word from the peer for" in rig.log_text()
     wait_until_serving(rig)
     harness.wait_for(lambda: harness.process_state(ssh) is None, 10, what="the hung ssh to be ended and reaped")
 
@@ -277,6 +277,7 @@ def test_thousands_of_sessions_leave_no_fds_memory_or_zombies_behind(make_rig):
     server, proxy = rig.server.pid, rig.proxy_pid()
     for _ in range(100):  # warm up: caches, allocator arenas, first-use imports
         harness.quick_session(rig.sock)
+    time.sleep(0.5)  # let the replacement spare GAHP start, as it will have by the end
     before = [(harness.open_fd_count(p), harness.rss_kb(p)) for p in (server, proxy)]
     for i in range(3000):
         assert harness.quick_session(rig.sock) == "exit 0", i

@@ -1,0 +1,85 @@
+"""Spare GAHPs: once a kind of GAHP has been asked for, the server keeps one started,
+so the next session of that kind finds its banner already waiting."""
+
+import os
+import signal
+
+import harness
+
+
+def gahp_pid(rig, gahp="blahpd"):
+    s = rig.session(gahp)
+    assert s.banner().startswith("$GahpVersion")
+    pid = int(s.command("PID")[2:])
+    assert s.finish() == (0, "")
+    return pid
+
+
+def one_spare(rig):
+    """The one live GAHP left once every session has ended: the spare."""
+    return harness.wait_for(lambda: rig.gahp_pids() if len(rig.gahp_pids()) == 1 else None, 15, what="one spare")[0]
+
+
+def test_the_next_session_gets_the_gahp_that_is_already_up(make_rig):
+    rig = make_rig()
+    rig.start_server()
+    first = gahp_pid(rig)
+    spare = one_spare(rig)
+    assert spare != first
+    assert harness.parent_of(spare) == rig.server.pid
+    assert gahp_pid(rig) == spare
+    assert "blahpd runs as pid %d, a spare started" % spare in rig.log_text()
+    assert one_spare(rig) != spare  # and another one is ready
+
+
+def test_each_kind_has_its_own_spare(make_rig):
+    rig = make_rig()
+    rig.start_server()
+    gahp_pid(rig, "condor_ft-gahp")
+    spare = one_spare(rig)
+    s = rig.session("condor_ft-gahp")
+    s.banner()
+    assert int(s.command("PID")[2:]) == spare
+    assert s.command("ARGV").endswith("testgahp.py -f")
+    assert s.finish() == (0, "")
+    s = rig.session("blahpd")  # a blahpd is started for it, not the ft-gahp spare
+    s.banner()
+    assert s.command("ARGV").endswith("testgahp.py")
+    assert s.finish() == (0, "")
+
+
+def test_a_config_edit_retires_the_spare_so_the_next_gahp_sees_the_new_settings(make_rig):
+    rig = make_rig()
+    rig.start_server()
+    gahp_pid(rig)
+    stale = one_spare(rig)
+    with open(rig.config, "a") as f:
+        f.write("GLITE_LOCATION = /opt/new-glite\n")
+    s = rig.session("blahpd")
+    s.banner()
+    assert int(s.command("PID")[2:]) != stale
+    assert s.command("ENV GLITE_LOCATION") == "S /opt/new-glite"
+    assert s.finish() == (0, "")
+    harness.wait_for(lambda: harness.process_state(stale) is None, 15, what="the stale spare to exit and be reaped")
+
+
+def test_a_spare_that_dies_idle_is_logged_and_not_replaced_until_needed(make_rig):
+    rig = make_rig()
+    rig.start_server()
+    gahp_pid(rig)
+    spare = one_spare(rig)
+    os.kill(spare, signal.SIGKILL)
+    harness.wait_for(lambda: "spare blahpd pid %d exited while idle (killed by signal 9)" % spare in rig.log_text(), 15, what="the log")
+    assert rig.gahp_pids() == []  # no fork loop: nothing restarts it on its own
+    assert not rig.zombies()
+    assert gahp_pid(rig) != spare  # the next session starts its own, and a spare again
+    one_spare(rig)
+
+
+def test_spares_can_be_turned_off(make_rig):
+    rig = make_rig(config_extra="RVGAHP_SPARE_GAHPS = 0\n")
+    rig.start_server()
+    gahp_pid(rig)
+    gahp_pid(rig)
+    harness.wait_for(lambda: rig.gahp_pids() == [], 15, what="no GAHP left running")
+    assert "a spare started" not in rig.log_text()
