@@ -23,7 +23,9 @@ trap 'rm -rf "$stage"' EXIT
 cp "$here/rvgahp.py" "$stage/"
 
 # The shebang is the user's python3, whatever its version; shiv's bootstrap keeps
-# argv[0], so the name a symlink gives still picks the role.
+# argv[0], so the name a symlink gives still picks the role. --compile-pyc writes the
+# bytecode when the archive is first unpacked, so a client never recompiles rvgahp.py,
+# even where PYTHONDONTWRITEBYTECODE is set or the unpack cache is read-only later.
 "$python" -m shiv --site-packages "$stage" --entry-point rvgahp:main \
-    --python "/usr/bin/env python3" --reproducible --compressed --output-file "$out"
+    --python "/usr/bin/env python3" --reproducible --compressed --compile-pyc --output-file "$out"
 echo "built $out ($(wc -c <"$out") bytes)"
