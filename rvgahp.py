@@ -54,6 +54,7 @@ SPARE_AFTER = 0.05  # start a replacement spare this long after handing one out,
 DEFAULT_PING_INTERVAL = 15.0
 DEFAULT_PING_TIMEOUT = 45.0
 DEFAULT_CLIENT_WAIT = 5.0
+START_TIMEOUT = 20.0  # a GAHP not started by then is a hung server (the GridManager waits 20 s too)
 DEFAULT_BACKOFF_MAX = 300.0
 BACKOFF_FIRST = 1.0
 LINK_STABLE = 30.0  # a link up this long has proved the login works
@@ -307,12 +308,18 @@ WINDOW = 8  # credit: the receiver has consumed this many more bytes (4-byte cou
 PING = 9  # link liveness; answered by PONG with the same payload
 PONG = 10
 RETRY = 11  # proxy -> client only: the link went away before the GAHP started; ask again
+STATE = 12  # proxy -> server: it became the socket's owner, or cannot be (fields: state, reason)
+STATUS = 13  # client <-> proxy only: how is the link? (reply fields: see Proxy.status)
 # After ACCEPT, the proxy ends a client's socket with one text line instead of a frame:
 # "exit N", "signal N" or "error TEXT". A line is what lets the waiting client be a
 # shell (see wait_in_shell) rather than a whole Python interpreter.
-STATE = 12  # proxy -> server: it became the socket's owner, or cannot be (fields: state, reason)
-STATUS = 13  # client <-> proxy only: how is the link? (reply fields: see Proxy.status)
-FRAME_NAMES = {v: k for k, v in list(globals().items()) if k.isupper() and isinstance(v, int) and 1 <= v <= 13}
+FRAME_NAMES = {
+    number: name
+    for name, number in (
+        ("HELLO", HELLO), ("OPEN", OPEN), ("ACCEPT", ACCEPT), ("REFUSE", REFUSE), ("DATA", DATA), ("EOF", EOF), ("CLOSE", CLOSE),
+        ("WINDOW", WINDOW), ("PING", PING), ("PONG", PONG), ("RETRY", RETRY), ("STATE", STATE), ("STATUS", STATUS),
+    )
+}  # fmt: skip
 
 # What a client and the proxy on the same host must agree on (the requests, and what
 # follows ACCEPT). A new rvgahp.pyz on the submit host meets the old proxy of a link
@@ -352,7 +359,7 @@ def decode_fields(payload):
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
-        raise ProtocolError("a request that is not UTF-8")
+        raise ProtocolError("a request that is not UTF-8")  # "request": what clients get told
     fields = {}
     for line in text.split("\n"):
         if not line:
@@ -800,11 +807,24 @@ def describe_status(status):
 
 
 def status_line(fields):
-    """The line an accepted client's socket ends with: exit N, signal N or error TEXT."""
-    for key in ("error", "signal", "exit"):
+    """The line an accepted client's socket ends with: exit N, signal N or error TEXT.
+
+    N must be a plain number of 0-255: the waiting client may be a shell that does
+    arithmetic with it, and the text came from the other end of an ssh link.
+    """
+    if "error" in fields:
+        return "error %s\n" % str(fields["error"]).replace("\n", " ")
+    for key in ("signal", "exit"):
         if key in fields:
-            return "%s %s\n" % (key, str(fields[key]).replace("\n", " "))
+            value = str(fields[key])
+            if is_small_number(value):
+                return "%s %s\n" % (key, value)
+            return "error the server sent a bad %s status %r\n" % (key, value[:40])
     return "error the session ended without a status\n"
+
+
+def is_small_number(text):
+    return 0 < len(text) <= 3 and all("0" <= c <= "9" for c in text) and int(text) <= 255
 
 
 def status_text(fields):
@@ -840,9 +860,10 @@ class Timer:
 class Loop:
     """One selectors loop per process, with timers and signals.
 
-    A callback that raises is logged and its owner (the object the bound method belongs
-    to) is failed alone through its fail() method; the loop and every other session
-    carry on. Signals are noted by a tiny handler and run from the loop, never mid-callback.
+    A callback that raises is logged, and its owner (the object the bound method belongs
+    to) is ended through its fail() method: a client connection or a channel alone, or
+    the whole link when the fault was in the link's own stream. The loop carries on.
+    Signals are noted by a tiny handler and run from the loop, never mid-callback.
     """
 
     def __init__(self, log):
@@ -893,7 +914,9 @@ class Loop:
 
     def forget(self, fd):
         """Stop watching fd; call before closing it so a reused number is never confused."""
-        if self.watches.pop(fd, None) is not None:
+        watch = self.watches.pop(fd, None)
+        if watch is not None:
+            watch[0] = watch[1] = None
             self.selector.unregister(fd)
 
     # timers
@@ -936,11 +959,13 @@ class Loop:
             if self.pending_signals:
                 timeout = 0
             for key, mask in self.selector.select(timeout):
-                reader, writer = key.data
-                if mask & self.EVENT_READ and reader:
-                    self._call(reader)
-                if mask & self.EVENT_WRITE and writer and key.data[1] is writer:
-                    self._call(writer)
+                # A callback earlier in this batch may have closed this fd, and even
+                # reused its number: act only on a watch that is still the same one.
+                watch = key.data
+                if mask & self.EVENT_READ and watch[0] and self.watches.get(key.fd) is watch:
+                    self._call(watch[0])
+                if mask & self.EVENT_WRITE and watch[1] and self.watches.get(key.fd) is watch:
+                    self._call(watch[1])
             while self.pending_signals:
                 signum = self.pending_signals.pop(0)
                 self._call(self.signal_handlers[signum])
@@ -1031,6 +1056,7 @@ class Outbox:
 
     def _lost(self):
         dropped = self.size
+        drained, self.on_drained = self.on_drained, None  # before on_gone, which may detach us
         self.gone = True
         self.queue.clear()
         self.size = 0
@@ -1039,9 +1065,8 @@ class Outbox:
             self.on_written(dropped)  # what the reader will never take still frees credit
         if self.on_gone:
             self.on_gone()
-        if self.on_drained:
-            callback, self.on_drained = self.on_drained, None
-            callback()
+        if drained:
+            drained()
 
     def detach(self):
         """Forget the fd (its owner is about to close it)."""
@@ -1107,7 +1132,12 @@ def spawn(argv, env, cwd, stdin, stdout, stderr):
     import signal
 
     report_r, report_w = os.pipe()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as e:  # EAGAIN at the process limit, ENOMEM: a failure like any other
+        os.close(report_r)
+        os.close(report_w)
+        raise SpawnError("cannot fork for %s: %s" % (argv[0], e.strerror))
     if pid == 0:
         try:
             os.setsid()
@@ -1255,9 +1285,16 @@ class Server:
         if not os.path.isfile(transport):
             self._cannot_start("transport %s does not exist; create it (see the README)" % transport)
             return
-        link_in, transport_out = os.pipe()
-        transport_in, link_out = os.pipe()
-        err_r, err_w = os.pipe()
+        fds = []
+        try:
+            for _ in range(3):
+                fds.extend(os.pipe())
+        except OSError as e:
+            for fd in fds:
+                close_fd(fd)
+            self._cannot_start("cannot make pipes for the transport: %s" % e.strerror)
+            return
+        link_in, transport_out, transport_in, link_out, err_r, err_w = fds
         try:
             pid = spawn(["/bin/sh", transport], dict(os.environ), self.layout.home, transport_in, transport_out, err_w)
         except SpawnError as e:
@@ -1506,12 +1543,19 @@ class Server:
 
     def spawn_gahp(self, argv, env):
         """fork + exec one GAHP; (pid, its stdin's write end, its stdout's read end)."""
-        stdin_r, stdin_w = os.pipe()
-        stdout_r, stdout_w = os.pipe()
+        fds = []
+        try:
+            fds.extend(os.pipe())
+            fds.extend(os.pipe())
+        except OSError as e:
+            for fd in fds:
+                close_fd(fd)
+            raise UserError("cannot make pipes for %s: %s" % (os.path.basename(argv[0]), e.strerror))
+        stdin_r, stdin_w, stdout_r, stdout_w = fds
         try:
             stderr_fd = os.open(self.gahp_stderr, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         except OSError as e:
-            for fd in (stdin_r, stdin_w, stdout_r, stdout_w):
+            for fd in fds:
                 close_fd(fd)
             raise UserError("cannot open the GAHP stderr log %s: %s" % (self.gahp_stderr, e.strerror))
         try:
@@ -1659,8 +1703,16 @@ class ServerSession(Channel):
         self.server.gahp_gone(self)
         if not self.released and not self.source_done:
             # A grandchild may hold stdout open; don't let it keep the session alive.
-            self.loop.call_later(EXIT_LINGER, self.end_source)
+            self.loop.call_later(EXIT_LINGER, self._linger_over)
         self._maybe_finish()
+
+    def _linger_over(self):
+        if self.released or self.source_done:
+            return
+        if not self.reading:  # held back by flow control: its output is still to come
+            self.loop.call_later(EXIT_LINGER, self._linger_over)
+            return
+        self.end_source()
 
     def _maybe_finish(self):
         if self.released or not self.source_done or self.status is None:
@@ -1713,6 +1765,7 @@ class Proxy:
         self.ready = False
         self.waiting = []  # sessions that arrived before the server's hello
         self.clients = set()
+        self.draining = set()  # sessions whose GAHP has ended, still writing its last output
         self.next_cid = 0
         self.started = time.time()
         self.link_up_at = None
@@ -1727,7 +1780,7 @@ class Proxy:
         self.link = Link(self.loop, self.log, rfd, wfd, self)
         self.loop.on_signal(signal.SIGTERM, self.shutdown)
         self.loop.on_signal(signal.SIGINT, self.shutdown)
-        self.loop.on_signal(signal.SIGHUP, self.log.reopen)
+        self.loop.on_signal(signal.SIGHUP, self.reopen_log)
         hello = {"role": "proxy", "rvgahp": VERSION, "pid": os.getpid(), "host": socket.gethostname(), "socket": self.sockpath}
         try:
             self.claim_socket()
@@ -1750,6 +1803,13 @@ class Proxy:
         self.link.start(hello)
         self.loop.run()
         return 0
+
+    def reopen_log(self):
+        try:
+            self.log.reopen()
+            self.log.info("reopened the log (SIGHUP)")
+        except UserError as e:
+            self.log.info(str(e))
 
     def _try_takeover(self):
         if self.link.closed:
@@ -1833,7 +1893,10 @@ class Proxy:
                 return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE):
-                    self.log.info("cannot accept a client: %s" % e.strerror)
+                    # Level-triggered: left registered, this would spin. Try again in a second.
+                    self.log.info("cannot accept a client: %s; pausing accepts for 1 s" % e.strerror)
+                    self.loop.on_readable(self.listener.fileno(), None)
+                    self.loop.call_later(1.0, self._resume_accepts)
                     return
                 raise
             conn = ClientConn(self, sock)
@@ -1844,6 +1907,10 @@ class Proxy:
                 self.log.info("rejected a client: %s" % reason)
                 conn.reader = None  # it gets no hearing
                 conn.finish(REFUSE, {"reason": reason, "by": "proxy"})
+
+    def _resume_accepts(self):
+        if self.listener is not None:
+            self.loop.on_readable(self.listener.fileno(), self.accept)
 
     def open_session(self, conn, fields, fds):
         gahp = fields.get("gahp", "")
@@ -1921,7 +1988,14 @@ class Proxy:
         for conn in list(self.clients):
             if conn.session is None:
                 conn.finish(RETRY, {"reason": reason})
-        self.loop.stop()
+        self._stop_when_drained(time.monotonic() + 10.0)
+
+    def _stop_when_drained(self, deadline):
+        """Exit once the sessions whose GAHP already ended have delivered its output."""
+        if self.draining and time.monotonic() < deadline:
+            self.loop.call_later(0.1, lambda: self._stop_when_drained(deadline))
+        else:
+            self.loop.stop()
 
     def shutdown(self):
         self.log.info("shutting down (signal)")
@@ -2124,6 +2198,7 @@ class ProxySession(Channel):
         """The GAHP is done and all its output has arrived: deliver it, then report."""
         if self.link.channels.get(self.cid) is self:
             del self.link.channels[self.cid]
+        self.proxy.draining.add(self)
         self.relaying = False
         if not self.source_done:
             self.source_done = True
@@ -2135,10 +2210,12 @@ class ProxySession(Channel):
             self.log.info("session %d: %s ended (%s) after %s" % (self.cid, self.gahp, status_text(fields), self.summary()))
             self.conn.finish_line(status_line(fields))
             self.release()
+            self.proxy.draining.discard(self)
 
         self.sink.when_drained(delivered)
 
     def client_gone(self):
+        self.proxy.draining.discard(self)
         if self.released:
             return
         if self.state != "waiting":
@@ -2231,8 +2308,8 @@ def parse_client_args(args):
     sockpath = options.get("--rvgahp-socket") or (positional[0] if positional else "")
     if not sockpath:
         raise UsageError("no socket path; usage: rvgahp_client SOCKPATH GAHP_NAME")
-    if "/" not in sockpath and "@" in sockpath:
-        raise UsageError("%r looks like user@host, not a socket path; add --rvgahp-socket SOCKPATH to grid_resource" % sockpath)
+    if "/" not in sockpath and ("@" in sockpath or not os.path.exists(sockpath)):
+        raise UsageError("%r looks like a host, not a socket path; add --rvgahp-socket SOCKPATH to grid_resource" % sockpath)
     raw_wait = options.get("--rvgahp-wait") or os.environ.get("RVGAHP_WAIT") or str(DEFAULT_CLIENT_WAIT)
     try:
         wait = float(raw_wait)
@@ -2313,9 +2390,12 @@ def connect_to_proxy(sockpath, deadline, wait):
     delay = 0.02
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(max(deadline - time.monotonic(), 1.0))  # a full backlog blocks connect()
         try:
             sock.connect(sockpath)
             return sock
+        except socket.timeout:
+            sock.close()
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
         except PermissionError:
@@ -2379,10 +2459,11 @@ def recv_exactly(sock, size, deadline):
 # The GAHP's name and the socket are arguments, never part of the script.
 WAIT_SCRIPT = """\
 IFS= read -r status <&3
+n=${status#* }
+case $n in ''|*[!0-9]*) n=x ;; esac
 case $status in
-"exit "*) exit "${status#exit }" ;;
-"signal "*) echo "rvgahp_client: $1 was killed by signal ${status#signal } on the cluster" >&2
-    exit $((128 + ${status#signal })) ;;
+"exit "[0-9]*) [ "$n" != x ] && exit "$n" ;;
+"signal "[0-9]*) [ "$n" != x ] && echo "rvgahp_client: $1 was killed by signal $n on the cluster" >&2 && exit $((128 + n)) ;;
 "error "*) echo "rvgahp_client: $1 session ended: ${status#error }" >&2; exit 1 ;;
 esac
 echo "rvgahp_client: lost the rvgahp proxy on $2 mid-session; is the link to the cluster down?" >&2
@@ -2417,9 +2498,9 @@ def wait_in_python(sock, gahp, sockpath):
             break
         line += chunk
     word, _, rest = line.decode("utf-8", "replace").strip().partition(" ")
-    if word == "exit" and rest.isdigit():
+    if word == "exit" and is_small_number(rest):
         return int(rest)
-    if word == "signal" and rest.isdigit():
+    if word == "signal" and is_small_number(rest):
         raise GahpKilled(128 + int(rest), "%s was killed by signal %s on the cluster" % (gahp, rest))
     if word == "error":
         raise UserError("%s session ended: %s" % (gahp, rest))
@@ -2440,9 +2521,10 @@ def run_client(sockpath, gahp, wait):
         except OSError:
             pass  # the proxy may have answered and hung up before reading us: hear what it said
         try:
-            reply = read_reply(sock, deadline)
+            # The wait was for a link; starting the GAHP gets its own time on top.
+            reply = read_reply(sock, max(deadline, time.monotonic() + START_TIMEOUT))
         except socket.timeout:
-            raise UserError("the rvgahp server did not start %s within %g s" % (gahp, wait))
+            raise UserError("the rvgahp server did not start %s within %g s" % (gahp, START_TIMEOUT))
         if reply is not None and reply[0] == ACCEPT:
             break
         sock.close()
@@ -2556,6 +2638,7 @@ def server_main(args):
     parser.add_argument("-v", dest="verbose", action="store_true", help="log more")
     parser.add_argument("--version", action="version", version="rvgahp_server %s" % VERSION)
     opts = parser.parse_args(args)
+    ensure_std_fds()  # first: a log or lock opened as fd 0-2 would be clobbered later
     log = Log("server")
     log.verbose = opts.verbose
     layout = Layout(opts.basedir or os.environ.get("BLAHPD_LOCATION") or None, opts.config, opts.transport)
@@ -2571,7 +2654,6 @@ def server_main(args):
         daemonize(log)
     write_pid(lock_fd)
     raise_fd_limit()
-    ensure_std_fds()
     return Server(log, layout, config).run()
 
 

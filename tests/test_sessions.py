@@ -8,6 +8,7 @@ a real rvgahp_client process with pipes, as the GridManager starts it.
 import os
 import subprocess
 import threading
+import time
 
 import harness
 import pytest
@@ -265,3 +266,17 @@ def test_status_of_a_socket_nobody_serves_says_so(rig):
     result = subprocess.run(rig.flavor.argv("client", "--status", missing), capture_output=True, timeout=30)
     assert result.returncode == 1
     assert result.stderr.decode().startswith("rvgahp_client: no rvgahp proxy is serving %s (No such file or directory)" % missing)
+
+
+def test_a_gahp_that_exits_while_its_reader_is_slow_loses_no_output(rig):
+    """Its last output waits behind flow control; the session must not end without it."""
+    size = 3 * 1000 * 1000
+    s = rig.session("blahpd")
+    s.banner()
+    s.send("FLOOD %d" % size)
+    s.send("EXIT 0")
+    time.sleep(3)  # longer than the server's wait for a dead GAHP's stdout
+    assert s.readline() == "S"
+    assert len(s.read_exactly(size, timeout=60)) == size
+    assert s.read_to_eof() == b""
+    assert s.finish() == (0, "")

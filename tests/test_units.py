@@ -158,7 +158,7 @@ def test_client_argv_in_both_gridmanager_styles(argv, sock, gahp):
     [
         ([], "no GAHP named"),
         (["blahpd"], "no socket path"),
-        (["alice@login", "blahpd"], "'alice@login' looks like user@host, not a socket path; add --rvgahp-socket"),
+        (["alice@login", "blahpd"], "'alice@login' looks like a host, not a socket path; add --rvgahp-socket"),
         (["--frobnicate", "/s", "blahpd"], "unknown option --frobnicate"),
         (["/s", "--rvgahp-socket"], "the last argument must be the GAHP name, not --rvgahp-socket"),
         (["--rvgahp-wait", "soon", "/s", "blahpd"], "the wait must be 0 to 3600 seconds, not 'soon'"),
@@ -250,3 +250,132 @@ def test_subcommands_version_and_help(capsys):
         rvgahp.main(["/bin/rvgahp_server", "--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out == "rvgahp_server %s\n" % rvgahp.VERSION
+
+
+# --------------------------------------------------------------------------- defences found in review
+
+
+def run_wait_script(shell, line):
+    """Run the client's waiting shell script with `line` arriving on its socket (fd 3);
+    returns (exit status, stderr)."""
+    import subprocess
+
+    r, w = os.pipe()
+    os.write(w, line)
+    os.close(w)
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.dup2(r, 3)
+            os.dup2(err_w, 2)
+            os.execv(shell, [shell, "-c", rvgahp.WAIT_SCRIPT, "rvgahp_client", "blahpd", "/tmp/x.sock"])
+        finally:
+            os._exit(99)
+    os.close(r)
+    os.close(err_w)
+    with os.fdopen(err_r, "rb") as f:
+        err = f.read()
+    _, status = os.waitpid(pid, 0)
+    return subprocess.CompletedProcess(
+        [shell], os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status >> 8, b"", err
+    )
+
+
+@pytest.mark.parametrize("shell", [s for s in ("/bin/sh", "/bin/bash", "/bin/dash") if os.access(s, os.X_OK)])
+def test_the_waiting_shell_does_only_arithmetic_on_plain_numbers(shell, tmp_path):
+    assert run_wait_script(shell, b"exit 7\n").returncode == 7
+    result = run_wait_script(shell, b"signal 9\n")
+    assert result.returncode == 137
+    assert result.stderr == b"rvgahp_client: blahpd was killed by signal 9 on the cluster\n"
+    result = run_wait_script(shell, b"error the link went down (x)\n")
+    assert (result.returncode, result.stderr) == (1, b"rvgahp_client: blahpd session ended: the link went down (x)\n")
+    assert run_wait_script(shell, b"").stderr.startswith(b"rvgahp_client: lost the rvgahp proxy on /tmp/x.sock")
+    # A hostile far end must not get a command run on the submit host.
+    marker = tmp_path / "pwned"
+    for hostile in (b"signal a[$(touch %s)]\n", b"exit $(touch %s)\n", b"signal 1+a[$(touch %s)]\n"):
+        result = run_wait_script(shell, hostile % str(marker).encode())
+        assert result.returncode == 1 and not marker.exists(), (hostile, result)
+
+
+def test_status_lines_carry_only_small_numbers():
+    assert rvgahp.status_line({"exit": "0"}) == "exit 0\n"
+    assert rvgahp.status_line({"signal": "9"}) == "signal 9\n"
+    assert rvgahp.status_line({"error": "two\nlines"}) == "error two lines\n"
+    for bad in ("a[$(id)]", "256", "-1", "²", ""):
+        assert rvgahp.status_line({"signal": bad}).startswith("error the server sent a bad signal status")
+    assert rvgahp.status_line({}) == "error the session ended without a status\n"
+
+
+def test_the_loop_never_calls_back_for_an_fd_closed_earlier_in_the_same_batch():
+    log = rvgahp.Log("test")
+    loop = rvgahp.Loop(log)
+    first_r, first_w = os.pipe()
+    second_r, second_w = os.pipe()
+    os.write(first_w, b"x")
+    os.write(second_w, b"y")  # both readable: one select() returns both
+    calls = []
+    fresh = []
+
+    def first():
+        calls.append("first")
+        other = first_r if calls == ["second"] else second_r  # whoever runs first closes the other
+        loop.forget(other)
+        os.close(other)
+        fresh.extend(os.pipe())  # likely reuses the closed number
+        os.write(fresh[-1], b"new owner's data")
+        loop.stop()
+
+    def second():
+        calls.append("second")
+        first_or_second = first_r if not calls[:-1] else second_r
+        loop.forget(first_or_second)
+        os.close(first_or_second)
+        fresh.extend(os.pipe())
+        os.write(fresh[-1], b"new owner's data")
+        loop.stop()
+
+    loop.on_readable(first_r, first)
+    loop.on_readable(second_r, second)
+    loop.run()
+    assert len(calls) == 1, calls
+    for fd in [first_w, second_w, *fresh] + [fd for fd in (first_r, second_r) if fd not in fresh]:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def test_an_outbox_whose_reader_vanishes_still_reports_drained():
+    log = rvgahp.Log("test")
+    loop = rvgahp.Loop(log)
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    events = []
+    box = rvgahp.Outbox(loop, w, on_gone=lambda: (events.append("gone"), box.detach()))
+    box.write(b"x" * (1 << 20))  # more than the pipe holds: some stays queued
+    assert box.queue
+    box.when_drained(lambda: events.append("drained"))
+    os.close(r)
+    box._flush()
+    assert events == ["gone", "drained"]
+    os.close(w)
+
+
+def test_a_failed_fork_is_an_ordinary_error_that_leaks_no_fd(monkeypatch):
+    before = len(os.listdir("/proc/self/fd"))
+
+    def no_fork():
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    with pytest.raises(rvgahp.SpawnError) as e:
+        rvgahp.spawn(["/bin/true"], {}, "/", 0, 1, 2)
+    assert str(e.value) == "cannot fork for /bin/true: Resource temporarily unavailable"
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_bare_host_name_is_not_taken_for_a_socket_path():
+    with pytest.raises(rvgahp.UsageError) as e:
+        rvgahp.parse_client_args(["login.hpcc.example.org", "blahpd"])
+    assert "'login.hpcc.example.org' looks like a host, not a socket path" in str(e.value)
