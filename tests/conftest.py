@@ -89,9 +89,21 @@ def make_flavor(name, request):
     return flavor
 
 
+MADE_FLAVORS = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_flavor_bins():
+    yield
+    for flavor in MADE_FLAVORS:
+        shutil.rmtree(flavor.bin, ignore_errors=True)
+
+
 @pytest.fixture(scope="session", params=FLAVORS)
 def flavor(request):
-    return make_flavor(request.param, request)
+    made = make_flavor(request.param, request)
+    MADE_FLAVORS.append(made)
+    return made
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +111,7 @@ def default_flavor(request):
     """The roles under the interpreter running the tests, for tests about behaviour
     rather than interpreters (they would only repeat themselves across the matrix)."""
     flavor = harness.Flavor("default", sys.executable, harness.RVGAHP)
+    MADE_FLAVORS.append(flavor)
     return flavor
 
 
