@@ -118,6 +118,15 @@ class Log:
             os.close(self.fd)
         self.fd = fd
 
+    def reopen_after_sighup(self):
+        """logrotate moved the file away: start a new one. Never fatal to the process."""
+        try:
+            self.reopen()
+        except UserError as e:
+            self.info(str(e))
+            return
+        self.info("reopened the log (SIGHUP)")
+
     def info(self, message):
         self.write_line("%s %s[%d]: %s" % (timestamp(), self.name, os.getpid(), message))
 
@@ -1263,7 +1272,7 @@ class Server:
         self.loop.on_signal(signal.SIGCHLD, self.reap)
         self.loop.on_signal(signal.SIGTERM, self.shutdown)
         self.loop.on_signal(signal.SIGINT, self.shutdown)
-        self.loop.on_signal(signal.SIGHUP, self.reopen_log)
+        self.loop.on_signal(signal.SIGHUP, self.log.reopen_after_sighup)
         self.log.info("rvgahp %s starting (Python %s); config %s" % (VERSION, sys.version.split()[0], self.config.path))
         self.connect()
         self.loop.run()
@@ -1587,13 +1596,6 @@ class Server:
 
     # -- signals
 
-    def reopen_log(self):
-        try:
-            self.log.reopen()
-            self.log.info("reopened the log (SIGHUP)")
-        except UserError as e:
-            self.log.info(str(e))
-
     def shutdown(self):
         if self.stopping:
             return
@@ -1780,7 +1782,7 @@ class Proxy:
         self.link = Link(self.loop, self.log, rfd, wfd, self)
         self.loop.on_signal(signal.SIGTERM, self.shutdown)
         self.loop.on_signal(signal.SIGINT, self.shutdown)
-        self.loop.on_signal(signal.SIGHUP, self.reopen_log)
+        self.loop.on_signal(signal.SIGHUP, self.log.reopen_after_sighup)
         hello = {"role": "proxy", "rvgahp": VERSION, "pid": os.getpid(), "host": socket.gethostname(), "socket": self.sockpath}
         try:
             self.claim_socket()
@@ -1803,13 +1805,6 @@ class Proxy:
         self.link.start(hello)
         self.loop.run()
         return 0
-
-    def reopen_log(self):
-        try:
-            self.log.reopen()
-            self.log.info("reopened the log (SIGHUP)")
-        except UserError as e:
-            self.log.info(str(e))
 
     def _try_takeover(self):
         if self.link.closed:
