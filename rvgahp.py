@@ -13,13 +13,24 @@ cluster forbids that, rvgahp turns the direction around:
                                                           v
                                                         blahpd, condor_ft-gahp
 
-Every session is a channel on the one link, so a start costs a fork, not an ssh login.
+Every session is a channel on the one link, so a start costs no ssh login, and with a
+spare GAHP kept ready, no GAHP start-up either.
 
 One role per process, chosen by the name it runs under (rvgahp_server, rvgahp_proxy,
 rvgahp_client) or by a first-argument subcommand. Standard library only; Python 3.6+.
 
-Reading order: constants and logging; config; framing and the link; event-loop pieces;
-the three roles; the command line.
+Where things are, in reading order:
+  constants          limits, timings, the GAHP allow-list
+  logging            Log: the line format, size rotation, reopening on SIGHUP
+  config             Config: HTCondor's syntax, with lazy macro expansion
+  framing            frame types, fields, FrameReader, a session's status line
+  the link           Link: start line, hello, pings, dispatch
+                     Channel: one session's two streams, with credit
+  event-loop pieces  fd helpers, Loop, Outbox, LineReader, spawn, Backoff
+  the server         Layout, Server, Spare, ServerSession
+  the proxy          Proxy, ClientConn, ProxySession
+  the client         argv, Handoff, run_client, the waiting shell, --status
+  the command line   each role's main, the pid lock, daemonize, main
 """
 
 import errno
@@ -29,6 +40,8 @@ import stat
 import struct
 import sys
 import time
+
+# --------------------------------------------------------------------------- constants
 
 VERSION = "1.0.0"
 ROLES = ("server", "proxy", "client")
@@ -404,6 +417,49 @@ class FrameReader:
         return frames
 
 
+def describe_status(status):
+    """exit=N or signal=N fields for a waitpid() status."""
+    if os.WIFSIGNALED(status):
+        return {"signal": os.WTERMSIG(status)}
+    return {"exit": os.WEXITSTATUS(status)}
+
+
+def status_line(fields):
+    """The line an accepted client's socket ends with: exit N, signal N or error TEXT.
+
+    N must be a plain number of 0-255: the waiting client may be a shell that does
+    arithmetic with it, and the text came from the other end of an ssh link.
+    """
+    if "error" in fields:
+        return "error %s\n" % str(fields["error"]).replace("\n", " ")
+    for key in ("signal", "exit"):
+        if key in fields:
+            value = str(fields[key])
+            if is_small_number(value):
+                return "%s %s\n" % (key, value)
+            return "error the server sent a bad %s status %r\n" % (key, value[:40])
+    return "error the session ended without a status\n"
+
+
+def is_small_number(text):
+    return 0 < len(text) <= 3 and all("0" <= c <= "9" for c in text) and int(text) <= 255
+
+
+def status_text(fields):
+    if "signal" in fields:
+        return "killed by signal %s" % fields["signal"]
+    if "exit" in fields:
+        return "exit %s" % fields["exit"]
+    return fields.get("error", "ended")
+
+
+def human_bytes(n):
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (n, unit)
+        n /= 1000.0
+
+
 # --------------------------------------------------------------------------- the link
 
 
@@ -739,7 +795,7 @@ class Channel:
         self.release()
 
 
-# --------------------------------------------------------------------------- fd helpers
+# --------------------------------------------------------------------------- event-loop pieces
 
 # A peer going away shows up as one of these; for us it is an ordinary end of stream.
 GONE = frozenset((errno.EPIPE, errno.ECONNRESET, errno.EIO, errno.ENOTCONN, errno.ESHUTDOWN))
@@ -806,52 +862,6 @@ def raise_fd_limit():
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError):
             pass
-
-
-def describe_status(status):
-    """exit=N or signal=N fields for a waitpid() status."""
-    if os.WIFSIGNALED(status):
-        return {"signal": os.WTERMSIG(status)}
-    return {"exit": os.WEXITSTATUS(status)}
-
-
-def status_line(fields):
-    """The line an accepted client's socket ends with: exit N, signal N or error TEXT.
-
-    N must be a plain number of 0-255: the waiting client may be a shell that does
-    arithmetic with it, and the text came from the other end of an ssh link.
-    """
-    if "error" in fields:
-        return "error %s\n" % str(fields["error"]).replace("\n", " ")
-    for key in ("signal", "exit"):
-        if key in fields:
-            value = str(fields[key])
-            if is_small_number(value):
-                return "%s %s\n" % (key, value)
-            return "error the server sent a bad %s status %r\n" % (key, value[:40])
-    return "error the session ended without a status\n"
-
-
-def is_small_number(text):
-    return 0 < len(text) <= 3 and all("0" <= c <= "9" for c in text) and int(text) <= 255
-
-
-def status_text(fields):
-    if "signal" in fields:
-        return "killed by signal %s" % fields["signal"]
-    if "exit" in fields:
-        return "exit %s" % fields["exit"]
-    return fields.get("error", "ended")
-
-
-def human_bytes(n):
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return ("%d %s" if unit == "B" else "%.1f %s") % (n, unit)
-        n /= 1000.0
-
-
-# --------------------------------------------------------------------------- event loop
 
 
 class Timer:
