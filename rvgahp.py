@@ -1920,7 +1920,7 @@ class Proxy:
     def open_session(self, conn, fields, fds):
         gahp = fields.get("gahp", "")
         if len(self.link.channels) + len(self.waiting) >= MAX_SESSIONS:
-            conn.finish(REFUSE, {"reason": "the proxy already carries %d sessions (the limit)" % MAX_SESSIONS})
+            conn.finish(REFUSE, {"reason": "the proxy already carries %d sessions (the limit)" % MAX_SESSIONS, "by": "proxy"})
             for fd in fds:
                 close_fd(fd)
             return
