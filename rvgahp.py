@@ -490,7 +490,6 @@ class Link:
         self.ping_interval = DEFAULT_PING_INTERVAL
         self.ping_timeout = DEFAULT_PING_TIMEOUT
         self.last_heard = self.last_ping = time.monotonic()
-        self.opened_at = time.monotonic()
         self.timer = None
         self.rtt = None
 
@@ -658,7 +657,6 @@ class Channel:
         self.relaying = False
         self.source_done = False
         self.sink_done = False
-        self.peer_eof = False
         self.released = False
         self.bytes_up = 0  # source -> link
         self.bytes_down = 0  # link -> sink
@@ -710,7 +708,6 @@ class Channel:
             else:
                 self.sink.write(payload)
         elif kind == EOF:
-            self.peer_eof = True
             self.sink.when_drained(self.end_sink)
         elif kind == WINDOW:
             self.credit += COUNT.unpack(payload)[0] if len(payload) == 4 else 0
