@@ -43,15 +43,18 @@ import time
 
 # --------------------------------------------------------------------------- constants
 
-VERSION = "1.0.0"
+VERSION = "1.1.0"
 ROLES = ("server", "proxy", "client")
 
 # The link protocol's major version. Both ends must speak the same one.
 LINK_PROTOCOL = 1
 
 # Bounds. Every buffer a long-running process keeps is limited by one of these.
-READ_SIZE = 64 * 1024  # one read from a GAHP, a client pipe, or the link
+READ_SIZE = 64 * 1024  # one read from a GAHP, a client pipe or a TCP connection
+LINK_READ_SIZE = 120 * 1024  # one read of the link: stays below 128 KiB, where glibc would
+# serve each buffer with mmap and munmap (two more syscalls and two page faults a read)
 MAX_PAYLOAD = 256 * 1024  # a larger frame is a protocol error, not a big allocation
+MAX_PING_PAYLOAD = 64  # a PING carries a timestamp; more is a peer trying to make us queue
 CHANNEL_WINDOW = 512 * 1024  # bytes a sender may have in flight per channel direction
 GRANT_AT = CHANNEL_WINDOW // 4  # return credit in batches, not per write
 LINK_HIGH_WATER = 2 * 1024 * 1024  # stop reading sources while the link is this backed up
@@ -60,8 +63,8 @@ MAX_FIELDS = 4096  # a hello, a request, a reply
 MAX_NOISE = 64 * 1024  # what a login shell may print before the link starts
 MAX_LOG_LINE = 2000
 MAX_SESSIONS = 1000
-SPARE_AFTER = 0.05  # start a replacement spare this long after handing one out, so the
-# session that took it gets its banner relayed before the server spends time on a fork
+MAX_TUNNEL_CONNECTIONS = 256  # per session; the ft-gahp opens one per transfer command
+MAX_MACRO_DEPTH = 64  # deeper nesting in a config is a mistake, not a real config
 
 # Timings, in seconds. Those an admin may want to change are also config knobs.
 DEFAULT_PING_INTERVAL = 15.0
@@ -78,6 +81,20 @@ GAHP_TERM_AFTER = 5.0  # after its session ends, a GAHP gets this long to exit o
 GAHP_KILL_AFTER = 5.0  # ...and then this long after SIGTERM before SIGKILL
 TRANSPORT_KILL_AFTER = 2.0
 STANDBY_POLL = 1.0  # a standby proxy tries the socket's lock this often (no logins involved)
+REQUEST_TIMEOUT = 10.0  # a client connection that has not sent its request by then is closed
+QUIET_AFTER = 1.0  # a new session on a link silent this long probes it at once...
+PROBE_TIMEOUT = 3.0  # ...and a link that stays silent this long after the probe is dead
+UNREACHED_RETRY = 3.0  # an attempt that never reached sshd is no login: retry this soon
+
+# The range every number from a config or from the peer is clamped to: (low, high).
+# A value outside is used at the nearest bound, and the clamping is logged.
+LIMITS = {
+    "ping_interval": (0.05, 3600.0),
+    "ping_timeout": (0.1, 86400.0),
+    "backoff_max": (0.0, 86400.0),
+    "log_max_size": (0.0, 2.0**40),
+    "spare_gahps": (0.0, 1.0),
+}
 
 # The GAHPs a session may ask for: name -> (config knob, binary under -b BASEDIR/bin, args).
 GAHPS = {
@@ -92,6 +109,12 @@ GAHPS = {
 
 class UserError(Exception):
     """A problem a person can fix; its text is the whole one-line message."""
+
+
+def traceback_text():
+    import traceback
+
+    return traceback.format_exc().rstrip()
 
 
 def timestamp(now=None):
@@ -123,10 +146,7 @@ class Log:
     def reopen(self):
         if self.path is None:
             return
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        except OSError as e:
-            raise UserError("cannot open log file %s: %s" % (self.path, e.strerror))
+        fd = open_private(self.path, os.O_WRONLY | os.O_APPEND, "log file")
         if self.fd > 2:
             os.close(self.fd)
         self.fd = fd
@@ -148,7 +168,7 @@ class Log:
             self.info(message)
 
     def write_line(self, line):
-        data = (line[:MAX_LOG_LINE] + "\n").encode("utf-8", "replace")
+        data = (printable(line[:MAX_LOG_LINE]) + "\n").encode("utf-8", "replace")
         for fd in (self.fd, self.echo_fd):
             if fd is not None:
                 try:
@@ -166,6 +186,38 @@ class Log:
             self.reopen()
         except (OSError, UserError):
             pass
+
+
+def printable(text):
+    """text with control characters escaped: what a peer or argv sent never moves a cursor."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == "\t" else ascii(c)[1:-1] for c in text)
+
+
+def open_private(path, flags, what):
+    """Open (creating 0600) a file of ours in a directory others may write to.
+
+    Never through a symlink someone planted, never a file another uid owns, never a
+    FIFO or device that would block or misbehave: any of those is a one-line error.
+    """
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError("cannot open %s %s: it is a symbolic link, and rvgahp never follows one there" % (what, path))
+        raise UserError("cannot open %s %s: %s" % (what, path, e.strerror))
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        problem = "it is not a regular file"
+    elif st.st_uid != os.getuid():
+        problem = "it belongs to uid %d, not to uid %d" % (st.st_uid, os.getuid())
+    if problem:
+        os.close(fd)
+        raise UserError("cannot use %s %s: %s" % (what, path, problem))
+    os.set_blocking(fd, True)
+    return fd
 
 
 # --------------------------------------------------------------------------- config
@@ -188,15 +240,20 @@ class Config:
         self.path = path
         self.environ = os.environ if environ is None else environ
         self.defs = {}  # lower-case name -> [(order, line number, raw value)]
+        self.notes = []  # what a reader should be told, such as a clamped value
         self._parse(text)
 
     @classmethod
     def load(cls, path):
+        # O_NONBLOCK: a FIFO put where the config should be must not hang the start.
         try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                text = f.read()
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
             raise ConfigError("cannot read config %s: %s" % (path, e.strerror))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError("config %s is not a regular file" % path)
+            text = f.read(1 << 20).decode("utf-8", "replace")
         return cls(path, text)
 
     def _parse(self, text):
@@ -233,18 +290,34 @@ class Config:
             return default
         return self._expand(name.lower(), found, ())
 
-    def number(self, name, default, minimum=0.0):
+    def number(self, name, default, limits=(0.0, float("inf"))):
+        """A number within limits (low, high); one outside is clamped, with a note."""
         raw = self.get(name)
         if raw is None or raw == "":
             return default
+        lineno = self._definition(name.lower(), None)[1]
         try:
             value = float(raw)
         except ValueError:
-            value = None
-        if value is None or value < minimum or value != value:
-            _, lineno, _ = self._definition(name.lower(), None)
-            raise self.error(lineno, "%s must be a number of at least %g, not %r" % (name, minimum, raw))
-        return value
+            value = float("nan")
+        if value != value:
+            raise self.error(lineno, "%s must be a number, not %r" % (name, raw[:40]))
+        clamped = clamp(value, limits)
+        if clamped != value:
+            self.notes.append("config %s:%d: %s = %s is out of range; using %g" % (self.path, lineno, name, raw[:40], clamped))
+        return clamped
+
+    def boolean(self, name, default):
+        """HTCondor's booleans: true/false, yes/no, 1/0 (any case)."""
+        raw = self.get(name)
+        if raw is None or raw == "":
+            return default
+        word = raw.lower()
+        if word in ("true", "yes", "1", "t", "y"):
+            return True
+        if word in ("false", "no", "0", "f", "n"):
+            return False
+        raise self.error(self._definition(name.lower(), None)[1], "%s must be True or False, not %r" % (name, raw[:40]))
 
     def _definition(self, key, before):
         defs = self.defs.get(key, ())
@@ -257,6 +330,8 @@ class Config:
         if (key, order) in stack:
             chain = " -> ".join(k.upper() for k, _ in stack + ((key, order),))
             raise self.error(lineno, "macro loop: %s" % chain)
+        if len(stack) >= MAX_MACRO_DEPTH:
+            raise self.error(lineno, "macros nested more than %d deep (%s -> ...)" % (MAX_MACRO_DEPTH, stack[0][0].upper()))
         return self._substitute(raw, key, definition, stack + ((key, order),))
 
     def _substitute(self, text, key, definition, stack):
@@ -298,6 +373,11 @@ class Config:
             i = end + 1
 
 
+def clamp(value, limits):
+    low, high = limits
+    return min(max(value, low), high)
+
+
 def is_config_name(name):
     return bool(name) and all(c.isalnum() or c in "_." for c in name) and not name[0].isdigit()
 
@@ -332,6 +412,9 @@ PONG = 10
 RETRY = 11  # proxy -> client only: the link went away before the GAHP started; ask again
 STATE = 12  # proxy -> server: it became the socket's owner, or cannot be (fields: state, reason)
 STATUS = 13  # client <-> proxy only: how is the link? (reply fields: see Proxy.status)
+TUNNEL = 14  # server -> proxy: a connection came to session S's tunnel port; this channel
+# carries it to the address that session's client announced (fields: session=S)
+READY = 15  # client -> proxy only: the client has said `Allocated port`; relay the GAHP now
 # After ACCEPT, the proxy ends a client's socket with one text line instead of a frame:
 # "exit N", "signal N" or "error TEXT". A line is what lets the waiting client be a
 # shell (see wait_in_shell) rather than a whole Python interpreter.
@@ -340,8 +423,14 @@ FRAME_NAMES = {
     for name, number in (
         ("HELLO", HELLO), ("OPEN", OPEN), ("ACCEPT", ACCEPT), ("REFUSE", REFUSE), ("DATA", DATA), ("EOF", EOF), ("CLOSE", CLOSE),
         ("WINDOW", WINDOW), ("PING", PING), ("PONG", PONG), ("RETRY", RETRY), ("STATE", STATE), ("STATUS", STATUS),
+        ("TUNNEL", TUNNEL), ("READY", READY),
     )
 }  # fmt: skip
+SESSION_FRAMES = frozenset((ACCEPT, REFUSE, DATA, EOF, CLOSE, WINDOW))  # those a Channel takes
+
+# What this rvgahp can do beyond link protocol 1, said in the hello. A feature is used
+# only when both ends name it, so either host's rvgahp.pyz can be the older one.
+FEATURES = ("tunnel",)
 
 # What a client and the proxy on the same host must agree on (the requests, and what
 # follows ACCEPT). A new rvgahp.pyz on the submit host meets the old proxy of a link
@@ -375,9 +464,9 @@ def encode_fields(fields):
     return "".join(lines).encode("utf-8")
 
 
-def decode_fields(payload):
-    if len(payload) > MAX_FIELDS:
-        raise ProtocolError("a %d-byte request (the limit is %d)" % (len(payload), MAX_FIELDS))
+def decode_fields(payload, limit=MAX_FIELDS):
+    if len(payload) > limit:
+        raise ProtocolError("a %d-byte request (the limit is %d)" % (len(payload), limit))
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
@@ -394,26 +483,54 @@ def decode_fields(payload):
 
 
 class FrameReader:
-    """Turns a byte stream into frames, holding at most one partial frame."""
+    """Turns a byte stream into frames, holding at most one partial frame.
+
+    Frames are parsed straight from the chunk just read; only a frame cut by the end
+    of a read is copied aside until the rest arrives. A large DATA payload goes on as a
+    view of the chunk, not a copy. A small one is copied, so that a view of a few bytes
+    never keeps a whole chunk alive in a slow sink's queue.
+    """
+
+    VIEW_AT = READ_SIZE // 4
 
     def __init__(self):
-        self.buf = bytearray()
+        self.partial = bytearray()
+        self.need = HEADER.size  # bytes the partial frame needs before it can be parsed
+
+    def pending(self):
+        return len(self.partial)
 
     def feed(self, data):
-        self.buf += data
+        if self.partial:
+            self.partial += data
+            if len(self.partial) < self.need:
+                return []
+            data = bytes(self.partial)
+            self.partial = bytearray()
         frames = []
         offset = 0
-        with memoryview(self.buf) as view:  # slicing a view: one copy per payload, not two
-            while len(view) - offset >= HEADER.size:
-                kind, channel, length = HEADER.unpack_from(view, offset)
-                if length > MAX_PAYLOAD:
-                    raise ProtocolError("a %d-byte frame (the limit is %d)" % (length, MAX_PAYLOAD))
-                start = offset + HEADER.size
-                if len(view) < start + length:
-                    break
-                frames.append((kind, channel, bytes(view[start : start + length])))
-                offset = start + length
-        del self.buf[:offset]
+        end = len(data)
+        view = None
+        while end - offset >= HEADER.size:
+            kind, channel, length = HEADER.unpack_from(data, offset)
+            if length > MAX_PAYLOAD:
+                raise ProtocolError("a %d-byte frame (the limit is %d)" % (length, MAX_PAYLOAD))
+            start = offset + HEADER.size
+            stop = start + length
+            if stop > end:
+                self.need = stop - offset
+                break
+            if kind == DATA and length >= self.VIEW_AT:
+                if view is None:
+                    view = memoryview(data)
+                frames.append((kind, channel, view[start:stop]))
+            else:
+                frames.append((kind, channel, data[start:stop]))
+            offset = stop
+        else:
+            self.need = HEADER.size
+        if offset < end:
+            self.partial += data[offset:]
         return frames
 
 
@@ -467,9 +584,11 @@ class Link:
     """The framed byte stream between server and proxy, over the transport's pipes.
 
     Both ends send LINK_START and a HELLO, then frames. Either end pings; anything heard
-    counts as life, and a link silent past the timeout is closed. Channel frames go to
-    the Channel objects in self.channels; the role (`events`) hears on_hello, on_open,
-    on_state, on_noise and on_link_closed.
+    counts as life. The link is dead when the peer has been silent past the ping
+    timeout, or has not read what we sent for as long: a peer that writes but never
+    reads would otherwise make us queue without end. Channel frames go to the Channel
+    objects in self.channels; the role (`events`) hears on_hello, on_open, on_tunnel,
+    on_state, on_noise and, always exactly once, on_link_closed.
     """
 
     def __init__(self, loop, log, rfd, wfd, events):
@@ -483,6 +602,7 @@ class Link:
         self.channels = {}
         self.synced = False
         self.peer = None  # the peer's hello fields, once heard
+        self.features = frozenset()  # what the peer's rvgahp can do beyond the basics
         self.closed = False
         self.ended_by_peer = False  # EOF from the peer, as opposed to a close decided here
         self.congested = False
@@ -490,6 +610,8 @@ class Link:
         self.ping_interval = DEFAULT_PING_INTERVAL
         self.ping_timeout = DEFAULT_PING_TIMEOUT
         self.last_heard = self.last_ping = time.monotonic()
+        self.pong_mark = 0  # where in the outbox our last PONG ends: one PONG queued at most
+        self.probe_sent = None
         self.timer = None
         self.rtt = None
 
@@ -525,7 +647,7 @@ class Link:
         self.close("the peer closed the link" if self.synced else "the transport ended before the link started")
 
     def _tick(self):
-        """Ping, and declare the link dead when the peer has been silent too long."""
+        """Ping, and declare the link dead when the peer is silent or stops reading."""
         if self.closed:
             return
         now = time.monotonic()
@@ -533,15 +655,37 @@ class Link:
         if silent > self.ping_timeout:
             self.close("ping timeout: no word from the peer for %.0f s" % silent)
             return
+        stuck = self.outbox.stuck_for(now)
+        if stuck > self.ping_timeout:
+            self.close("the peer has not read from the link for %.0f s" % stuck)
+            return
         if now - self.last_ping >= self.ping_interval:
             self.last_ping = now
             self.send(PING, 0, struct.pack("!d", now))
         # Wake for the next ping, or the moment the silence would pass the timeout.
         wake = min(self.last_ping + self.ping_interval, self.last_heard + self.ping_timeout + 0.01)
+        if self.outbox.size:
+            wake = min(wake, now + self.ping_timeout - stuck + 0.01)
         self.timer = self.loop.call_later(max(0.05, wake - now), self._tick)
 
+    def probe(self):
+        """A session is starting: if the link has been quiet, make sure it still lives,
+        so the session learns in seconds, not at the ping timeout, that it does not."""
+        now = time.monotonic()
+        if self.closed or self.probe_sent is not None or now - self.last_heard < QUIET_AFTER:
+            return
+        self.probe_sent = now
+        self.send(PING, 0, struct.pack("!d", now))
+        wait = min(PROBE_TIMEOUT, self.ping_timeout)
+        self.loop.call_later(wait, lambda: self._probe_over(now, wait))
+
+    def _probe_over(self, sent, wait):
+        self.probe_sent = None
+        if not self.closed and self.last_heard < sent:
+            self.close("the link went silent: no answer to a probe for %g s" % wait)
+
     def _readable(self):
-        data = read_some(self.rfd, 4 * READ_SIZE)
+        data = read_some(self.rfd, LINK_READ_SIZE)
         if data is None:
             return
         if not data:
@@ -554,8 +698,7 @@ class Link:
             if data is None:
                 return
         try:
-            frames = self.reader.feed(data)
-            for kind, channel, payload in frames:
+            for kind, channel, payload in self.reader.feed(data):
                 if self.closed:
                     return
                 self._dispatch(kind, channel, payload)
@@ -587,59 +730,87 @@ class Link:
         return rest
 
     def _dispatch(self, kind, channel, payload):
-        if self.peer is None and kind != HELLO:
-            raise ProtocolError("%s before HELLO" % FRAME_NAMES.get(kind, kind))
-        if kind == HELLO:
-            self.peer = decode_fields(payload)
-            self.events.on_hello(self.peer)
-            self.last_ping = time.monotonic()
-            self.send(PING, 0, struct.pack("!d", self.last_ping))  # a first round-trip figure at once
+        # The frames of a session come first: they are nearly all of the traffic.
+        if kind in SESSION_FRAMES:
+            if self.peer is None:
+                raise ProtocolError("%s before HELLO" % FRAME_NAMES[kind])
+            target = self.channels.get(channel)
+            if target is not None:  # else: it crossed the channel's CLOSE in flight
+                self._deliver(target, kind, payload)
         elif kind == PING:
-            self.send(PONG, 0, payload)
+            if len(payload) > MAX_PING_PAYLOAD:
+                raise ProtocolError("a %d-byte PING (the limit is %d)" % (len(payload), MAX_PING_PAYLOAD))
+            if self.outbox.written_total >= self.pong_mark:  # the last PONG has left
+                self.send(PONG, 0, payload)
+                self.pong_mark = self.outbox.queued_total
         elif kind == PONG:
             if len(payload) == 8:
                 self.rtt = time.monotonic() - struct.unpack("!d", payload)[0]
+        elif kind == HELLO:
+            if self.peer is not None:
+                raise ProtocolError("a second HELLO")
+            self.peer = decode_fields(payload)
+            self.features = frozenset(self.peer.get("features", "").split(","))
+            self.events.on_hello(self.peer)
+            self.last_ping = time.monotonic()
+            self.send(PING, 0, struct.pack("!d", self.last_ping))  # a first round-trip figure at once
+        elif self.peer is None:
+            raise ProtocolError("%s before HELLO" % FRAME_NAMES.get(kind, kind))
         elif kind == OPEN:
             self.events.on_open(channel, payload)
+        elif kind == TUNNEL:
+            self.events.on_tunnel(channel, payload)
         elif kind == STATE:
             self.events.on_state(decode_fields(payload))
-        elif kind in (ACCEPT, REFUSE, DATA, EOF, CLOSE, WINDOW):
-            target = self.channels.get(channel)
-            if target is not None:
-                target.on_frame(kind, payload)
-            # else: a frame that crossed the channel's CLOSE in flight; nothing to do
         else:
             raise ProtocolError("unknown frame type %d" % kind)
+
+    def _deliver(self, target, kind, payload):
+        """One channel's frame: a fault in handling it ends that channel, not the link."""
+        try:
+            target.on_frame(kind, payload)
+        except ProtocolError:
+            raise
+        except Exception as e:
+            self.log.info("internal error in session %d: %s" % (target.cid, e))
+            self.log.debug(traceback_text())
+            target.fail("internal error: %s" % e)
 
     def fail(self, reason):
         self.close(reason)
 
     def close(self, reason):
+        """Close both fds, end every channel, and tell the role: always, and once."""
         if self.closed:
             return
         self.closed = True
-        if self.timer:
-            self.timer.cancel()
-        self.outbox.detach()
-        self.loop.forget(self.rfd)
-        self.loop.forget(self.wfd)
-        close_fd(self.rfd)
-        if self.wfd != self.rfd:
-            close_fd(self.wfd)
-        for channel in list(self.channels.values()):
-            channel.link_lost(reason)
-        self.channels.clear()
-        self.events.on_link_closed(reason)
+        try:
+            if self.timer:
+                self.timer.cancel()
+            self.outbox.detach()
+            self.loop.forget(self.rfd)
+            self.loop.forget(self.wfd)
+            close_fd(self.rfd)
+            if self.wfd != self.rfd:
+                close_fd(self.wfd)
+            for channel in list(self.channels.values()):
+                try:
+                    channel.link_lost(reason)
+                except Exception as e:
+                    self.log.info("internal error ending session %d: %s" % (channel.cid, e))
+            self.channels.clear()
+        finally:
+            self.events.on_link_closed(reason)
 
 
 class Channel:
-    """One session's two byte streams across the link.
+    """One stream pair across the link: a session, or one tunnel connection.
 
-    The source fd (a GAHP's stdout, or the GridManager's stdin) is read only while the
-    peer has granted credit and the link is not backed up, so a stalled reader stops
-    its own stream and nothing else. Data for the sink fd is queued in an Outbox that
-    can never hold more than the window we granted; credit goes back as it drains.
-    Roles subclass this for what happens at the edges (a process, a client).
+    The source fd (a GAHP's stdout, the GridManager's stdin, a TCP connection) is read
+    only while the peer has granted credit and the link is not backed up, so a stalled
+    reader stops its own stream and nothing else. Data for the sink fd is queued in an
+    Outbox that can never hold more than the window we granted; credit goes back as it
+    drains. Roles subclass this for what happens at the edges.
     """
 
     def __init__(self, link, cid, source_fd, sink_fd):
@@ -658,9 +829,12 @@ class Channel:
         self.source_done = False
         self.sink_done = False
         self.released = False
-        self.bytes_up = 0  # source -> link
-        self.bytes_down = 0  # link -> sink
+        self.sent = 0  # bytes read from the source and sent on the link
+        self.received = 0  # bytes that came over the link for the sink
         self.started = time.monotonic()
+        self.held = None  # frames for the sink kept back (see hold_sink)
+        self.held_size = 0
+        self._on_source = self._source_readable  # one bound method, so the loop sees no change
 
     def begin_relay(self):
         self.relaying = True
@@ -672,46 +846,69 @@ class Channel:
         want = self.relaying and not self.source_done and self.credit > 0 and not self.link.congested
         if want != self.reading:
             self.reading = want
-            self.loop.on_readable(self.source_fd, self._source_readable if want else None)
+            self.loop.on_readable(self.source_fd, self._on_source if want else None)
 
     def _source_readable(self):
-        data = read_some(self.source_fd, min(READ_SIZE, self.credit))
+        data = read_some(self.source_fd, READ_SIZE if self.credit >= READ_SIZE else self.credit)
         if data is None:
             return
         if not data:
             self.end_source()
             return
-        self.credit -= len(data)
-        self.bytes_up += len(data)
+        n = len(data)
+        self.credit -= n
+        self.sent += n
         self.link.send(DATA, self.cid, data)
-        self.refresh()
+        if self.credit <= 0 or self.link.congested:  # only then can the answer change
+            self.refresh()
 
     def end_source(self):
         """The source is finished: tell the peer with EOF, once."""
         if self.source_done:
             return
+        self._close_source()
+        self.link.send(EOF, self.cid)
+        self.source_ended()
+
+    def _close_source(self):
         self.source_done = True
         self.reading = False
         self.loop.forget(self.source_fd)
         close_fd(self.source_fd)
-        self.link.send(EOF, self.cid)
-        self.source_ended()
+
+    def hold_sink(self):
+        """Keep what arrives for the sink until release_sink(): for a client that must
+        say `Allocated port` before the GAHP's banner, or a TCP connection being made."""
+        self.held = []
+        self.held_size = 0
+
+    def release_sink(self):
+        held, self.held = self.held, None
+        for kind, payload in held:
+            self.on_frame(kind, payload)
 
     def on_frame(self, kind, payload):
-        if kind == DATA:
-            if self.inflight + self.ungranted + len(payload) > CHANNEL_WINDOW:
+        if self.held is not None and kind in (DATA, EOF):
+            self.held_size += len(payload)
+            if self.held_size > CHANNEL_WINDOW:
                 raise ProtocolError("channel %d overran its window" % self.cid)
-            self.inflight += len(payload)
-            self.bytes_down += len(payload)
+            self.held.append((kind, payload))
+            return
+        if kind == DATA:
+            n = len(payload)
+            if self.inflight + self.ungranted + n > CHANNEL_WINDOW:
+                raise ProtocolError("channel %d overran its window" % self.cid)
+            self.inflight += n
+            self.received += n
             if self.sink_done:
-                self._sink_took(len(payload))
+                self._sink_took(n)
             else:
                 self.sink.write(payload)
-        elif kind == EOF:
-            self.sink.when_drained(self.end_sink)
         elif kind == WINDOW:
             self.credit += COUNT.unpack(payload)[0] if len(payload) == 4 else 0
             self.refresh()
+        elif kind == EOF:
+            self.sink.when_drained(self.end_sink)
         elif kind == CLOSE:
             self.peer_closed(decode_fields(payload))
         elif kind == ACCEPT:
@@ -734,11 +931,14 @@ class Channel:
     def end_sink(self):
         if self.sink_done:
             return
+        self._close_sink()
+        self.sink_ended()
+
+    def _close_sink(self):
         self.sink_done = True
         self.sink.detach()
         self.loop.forget(self.sink_fd)
         close_fd(self.sink_fd)
-        self.sink_ended()
 
     def release(self):
         """Drop the channel: both fds closed, no more frames to or from it."""
@@ -747,14 +947,9 @@ class Channel:
         self.released = True
         self.relaying = False
         if not self.source_done:
-            self.source_done = True
-            self.loop.forget(self.source_fd)
-            close_fd(self.source_fd)
+            self._close_source()
         if not self.sink_done:
-            self.sink_done = True
-            self.sink.detach()
-            self.loop.forget(self.sink_fd)
-            close_fd(self.sink_fd)
+            self._close_sink()
         if self.link.channels.get(self.cid) is self:
             del self.link.channels[self.cid]
 
@@ -763,14 +958,10 @@ class Channel:
         self.log.info("session %d: %s" % (self.cid, reason))
         if not self.released:
             self.link.send(CLOSE, self.cid, encode_fields({"error": reason}))
-        self.peer_closed({"error": reason})
+        self.failed(reason)
 
-    def summary(self):
-        return "%.1f s, %s up, %s down" % (
-            time.monotonic() - self.started,
-            human_bytes(self.bytes_up),
-            human_bytes(self.bytes_down),
-        )
+    def age(self):
+        return time.monotonic() - self.started
 
     # What the roles fill in.
     def source_ended(self):
@@ -788,8 +979,16 @@ class Channel:
     def peer_closed(self, fields):
         self.release()
 
+    def failed(self, reason):
+        self.release()
+
     def link_lost(self, reason):
         self.release()
+
+
+def session_summary(channel, to_gahp, from_gahp):
+    """How long a session ran and what it moved, named the same on both hosts."""
+    return "%.1f s, %s to the GAHP, %s from it" % (channel.age(), human_bytes(to_gahp), human_bytes(from_gahp))
 
 
 # --------------------------------------------------------------------------- event-loop pieces
@@ -830,6 +1029,23 @@ def close_fd(fd):
             pass
 
 
+def close_fds(fds):
+    for fd in fds:
+        close_fd(fd)
+
+
+def make_pipes(count, what):
+    """count pipes as a flat list [r1, w1, r2, w2, ...]; on failure none are left open."""
+    fds = []
+    try:
+        for _ in range(count):
+            fds.extend(os.pipe())
+    except OSError as e:
+        close_fds(fds)
+        raise UserError("cannot make pipes for %s: %s" % (what, e.strerror))
+    return fds
+
+
 def fd_is_streamable(fd):
     """Pipes and sockets can be polled and handed to the proxy; ttys and files cannot."""
     mode = os.fstat(fd).st_mode
@@ -842,9 +1058,7 @@ def close_inherited_fds(keep):
         fds = [int(name) for name in os.listdir("/proc/self/fd")]
     except OSError:
         fds = range(3, 1024)
-    for fd in fds:
-        if fd > 2 and fd not in keep:
-            close_fd(fd)
+    close_fds(fd for fd in fds if fd > 2 and fd not in keep)
 
 
 def raise_fd_limit():
@@ -871,24 +1085,68 @@ class Timer:
 
     def cancel(self):
         self.cancelled = True
+        self.callback = None  # a cancelled timer keeps nothing alive (a connection, a channel)
+
+
+READABLE, WRITABLE, BROKEN = 0x001, 0x004, 0x008 | 0x010  # poll(2)'s IN, OUT, ERR|HUP
+
+
+class Poller:
+    """epoll, or where there is none a selectors.DefaultSelector, behind one small face:
+    register, modify, unregister, and wait returning (fd, poll-style mask) pairs."""
+
+    def __init__(self):
+        import select
+
+        if hasattr(select, "epoll"):
+            self.epoll = select.epoll()  # close-on-exec
+            self.register = self.epoll.register
+            self.modify = self.epoll.modify
+            self.unregister = self.epoll.unregister
+            self._wait = self.epoll.poll
+        else:
+            import selectors
+
+            self.selector = selectors.DefaultSelector()
+            self.register = lambda fd, mask: self.selector.register(fd, self._events(mask))
+            self.modify = lambda fd, mask: self.selector.modify(fd, self._events(mask))
+            self.unregister = self.selector.unregister
+            self._wait = self._select
+
+    def wait(self, timeout):
+        return self._wait(-1 if timeout is None else timeout)
+
+    @staticmethod
+    def _events(mask):
+        import selectors
+
+        return (selectors.EVENT_READ if mask & READABLE else 0) | (selectors.EVENT_WRITE if mask & WRITABLE else 0)
+
+    def _select(self, timeout):
+        import selectors
+
+        ready = self.selector.select(None if timeout < 0 else timeout)
+        return [
+            (key.fd, (READABLE if m & selectors.EVENT_READ else 0) | (WRITABLE if m & selectors.EVENT_WRITE else 0)) for key, m in ready
+        ]
 
 
 class Loop:
-    """One selectors loop per process, with timers and signals.
+    """One event loop per process, with timers and signals.
 
-    A callback that raises is logged, and its owner (the object the bound method belongs
-    to) is ended through its fail() method: a client connection or a channel alone, or
-    the whole link when the fault was in the link's own stream. The loop carries on.
-    Signals are noted by a tiny handler and run from the loop, never mid-callback.
+    Each watched fd has a reader and a writer callback; the kernel is told only when the
+    set of wanted events really changes. A callback that raises is logged, and its
+    owner (the object the bound method belongs to) is ended through its fail() method:
+    a client connection, a channel or a tunnel connection alone, or the link when the
+    fault was in the link's own stream. The loop carries on. Signals are noted by a
+    tiny handler and run from the loop, never in the middle of a callback.
     """
 
     def __init__(self, log):
-        import selectors
-
         self.log = log
-        self.selector = selectors.DefaultSelector()
-        self.EVENT_READ, self.EVENT_WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+        self.poller = Poller()
         self.watches = {}  # fd -> [reader callback, writer callback]
+        self.forgotten = set()  # fds dropped since the last wait: their events are stale
         self.timers = []
         self.serial = 0
         self.stopped = False
@@ -907,33 +1165,37 @@ class Loop:
         self._watch(fd, 1, callback)
 
     def _watch(self, fd, slot, callback):
-        old = self.watches.get(fd)
-        if old is None:
+        watch = self.watches.get(fd)
+        if watch is None:
             if callback is None:
                 return
-            new = [None, None]
-            new[slot] = callback
-            self.watches[fd] = new
-            self.selector.register(fd, self._mask(new), new)
+            watch = [None, None]
+            watch[slot] = callback
+            self.poller.register(fd, READABLE if slot == 0 else WRITABLE)  # may refuse: nothing recorded yet
+            self.watches[fd] = watch
             return
-        if old[slot] is callback:
+        old = watch[slot]
+        if old is callback:
             return
-        old[slot] = callback
-        if old[0] is None and old[1] is None:
+        watch[slot] = callback
+        if (old is None) == (callback is None):
+            return  # another callback for the same event: the kernel's mask is unchanged
+        if watch[0] is None and watch[1] is None:
             del self.watches[fd]
-            self.selector.unregister(fd)
+            self.poller.unregister(fd)
         else:
-            self.selector.modify(fd, self._mask(old), old)
-
-    def _mask(self, pair):
-        return (self.EVENT_READ if pair[0] else 0) | (self.EVENT_WRITE if pair[1] else 0)
+            self.poller.modify(fd, (READABLE if watch[0] else 0) | (WRITABLE if watch[1] else 0))
 
     def forget(self, fd):
         """Stop watching fd; call before closing it so a reused number is never confused."""
         watch = self.watches.pop(fd, None)
         if watch is not None:
             watch[0] = watch[1] = None
-            self.selector.unregister(fd)
+            self.forgotten.add(fd)
+            try:
+                self.poller.unregister(fd)
+            except (OSError, KeyError, ValueError):
+                pass  # already closed by its owner: the kernel forgot it too
 
     # timers
     def call_later(self, delay, callback):
@@ -941,8 +1203,17 @@ class Loop:
 
         timer = Timer(time.monotonic() + max(0.0, delay), callback)
         self.serial += 1
+        if self.serial % 1024 == 0:
+            # Cancelled timers leave the heap only when they come due; with thousands of
+            # sessions a minute, sweep them out now and then so the heap stays small.
+            self.timers = [entry for entry in self.timers if not entry[2].cancelled]
+            heapq.heapify(self.timers)
         heapq.heappush(self.timers, (timer.when, self.serial, timer))
         return timer
+
+    def soon(self, callback):
+        """Run callback on the next turn of the loop, after the events at hand."""
+        return self.call_later(0.0, callback)
 
     # signals
     def on_signal(self, signum, callback):
@@ -966,6 +1237,8 @@ class Loop:
     def run(self):
         import heapq
 
+        watches = self.watches
+        forgotten = self.forgotten
         while not self.stopped:
             timeout = None
             while self.timers and self.timers[0][2].cancelled:
@@ -974,13 +1247,20 @@ class Loop:
                 timeout = max(0.0, self.timers[0][0] - time.monotonic())
             if self.pending_signals:
                 timeout = 0
-            for key, mask in self.selector.select(timeout):
+            forgotten.clear()
+            for fd, mask in self.poller.wait(timeout):
                 # A callback earlier in this batch may have closed this fd, and even
-                # reused its number: act only on a watch that is still the same one.
-                watch = key.data
-                if mask & self.EVENT_READ and watch[0] and self.watches.get(key.fd) is watch:
+                # reused its number: skip it; a live fd's event comes again next time.
+                if fd in forgotten:
+                    continue
+                watch = watches.get(fd)
+                if watch is None:
+                    continue
+                if mask & (READABLE | BROKEN) and watch[0] is not None:
                     self._call(watch[0])
-                if mask & self.EVENT_WRITE and watch[1] and self.watches.get(key.fd) is watch:
+                    if fd in forgotten:
+                        continue
+                if mask & (WRITABLE | BROKEN) and watch[1] is not None:
                     self._call(watch[1])
             while self.pending_signals:
                 signum = self.pending_signals.pop(0)
@@ -995,12 +1275,9 @@ class Loop:
         try:
             callback()
         except Exception as e:
-            import traceback
-
             owner = getattr(callback, "__self__", None)
             self.log.info("internal error in %s: %s" % (type(owner).__name__, e))
-            for line in traceback.format_exc().splitlines():
-                self.log.debug("  " + line)
+            self.log.debug(traceback_text())
             fail = getattr(owner, "fail", None)
             if fail is not None and owner is not self:
                 try:
@@ -1012,9 +1289,10 @@ class Loop:
 class Outbox:
     """Buffered non-blocking writes to one fd, in the order given.
 
-    Writes at once when nothing is queued; after a short write, queues the rest and
-    asks the loop for writability; unregisters once drained. on_written(n) reports bytes
-    that actually left, which is what flow control counts. It never closes the fd.
+    Writes straight through while nothing is queued; after a short write, queues the
+    rest and asks the loop for writability; lets go of it once drained. on_written(n)
+    reports bytes that actually left, which is what flow control counts. It never
+    closes the fd.
     """
 
     def __init__(self, loop, fd, on_written=None, on_gone=None):
@@ -1024,44 +1302,84 @@ class Outbox:
         self.fd = fd
         self.queue = deque()
         self.size = 0
+        self.queued_total = 0  # every byte ever given to write()...
+        self.written_total = 0  # ...and every byte that left: together, what is still queued where
+        self.waiting_since = None  # when the queue last made progress (None: nothing queued)
         self.gone = False
         self.on_written = on_written
         self.on_gone = on_gone
         self.on_drained = None
+        self._on_writable = self._flush  # one bound method, so the loop sees no change
 
     def write(self, *chunks):
         if self.gone:
             return
-        idle = not self.queue
+        if self.queue:  # behind what is queued already
+            for chunk in chunks:
+                if chunk:
+                    self.queue.append(chunk)
+                    self.size += len(chunk)
+                    self.queued_total += len(chunk)
+            return
+        total = 0
         for chunk in chunks:
-            if chunk:
-                self.queue.append(chunk)
-                self.size += len(chunk)
-        if idle and self.queue:
-            self._flush()
+            total += len(chunk)
+        if not total:
+            return
+        self.queued_total += total
+        n = write_some(self.fd, chunks)
+        if n < 0:
+            self.size = total
+            self._lost()
+            return
+        if n < total:
+            skip = n
+            for chunk in chunks:
+                if skip >= len(chunk):
+                    skip -= len(chunk)
+                    continue
+                self.queue.append(chunk[skip:] if skip else chunk)
+                skip = 0
+            self.size = total - n
+            self.waiting_since = time.monotonic()
+            self.loop.on_writable(self.fd, self._on_writable)
+        if n:
+            self.written_total += n
+            if self.on_written:
+                self.on_written(n)
 
     def _flush(self):
-        chunks = list(self.queue) if len(self.queue) <= 64 else [self.queue[i] for i in range(64)]
+        queue = self.queue
+        chunks = list(queue) if len(queue) <= 64 else [queue[i] for i in range(64)]
         n = write_some(self.fd, chunks)
         if n < 0:
             self._lost()
             return
         left = n
         while left:
-            head = self.queue[0]
+            head = queue[0]
             if len(head) <= left:
-                self.queue.popleft()
+                queue.popleft()
                 left -= len(head)
             else:
-                self.queue[0] = head[left:]
+                queue[0] = head[left:]
                 left = 0
         self.size -= n
-        self.loop.on_writable(self.fd, self._flush if self.queue else None)
+        self.written_total += n
+        if n:
+            self.waiting_since = time.monotonic()
+        if not queue:
+            self.waiting_since = None
+            self.loop.on_writable(self.fd, None)
         if n and self.on_written:
             self.on_written(n)
-        if not self.queue and self.on_drained:
+        if not queue and self.on_drained:
             callback, self.on_drained = self.on_drained, None
             callback()
+
+    def stuck_for(self, now):
+        """Seconds since queued bytes last moved; 0 when nothing waits."""
+        return 0.0 if self.waiting_since is None else now - self.waiting_since
 
     def when_drained(self, callback):
         """Run callback once everything queued has been written (at once if nothing is)."""
@@ -1076,6 +1394,7 @@ class Outbox:
         self.gone = True
         self.queue.clear()
         self.size = 0
+        self.waiting_since = None
         self.loop.on_writable(self.fd, None)
         if self.on_written and dropped:
             self.on_written(dropped)  # what the reader will never take still frees credit
@@ -1089,6 +1408,7 @@ class Outbox:
         self.gone = True
         self.queue.clear()
         self.size = 0
+        self.waiting_since = None
         self.on_drained = None
         self.loop.on_writable(self.fd, None)
 
@@ -1136,26 +1456,47 @@ class SpawnError(Exception):
 
 # Signals a child must get back at their defaults: Python ignores SIGPIPE, and the
 # server catches the rest. A GAHP that inherits an ignored SIGPIPE misbehaves.
-RESET_SIGNALS = ("SIGPIPE", "SIGCHLD", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGXFSZ")
+RESET_SIGNALS = ("SIGPIPE", "SIGCHLD", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGXFSZ", "SIGUSR1")
 
 
-def spawn(argv, env, cwd, stdin, stdout, stderr):
+def parent_death_signal():
+    """A function that asks Linux to SIGTERM the calling process when its parent dies,
+    or None where that cannot be had. Found before fork: a child should not load libc."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (ImportError, OSError, AttributeError):
+        return None
+    pr_set_pdeathsig, sigterm = 1, 15
+    return lambda: prctl(pr_set_pdeathsig, sigterm, 0, 0, 0)
+
+
+def spawn(argv, env, cwd, stdin, stdout, stderr, die_with_parent=None):
     """fork + exec argv in its own session with the given stdio and nothing else.
 
     The child reports a failed exec through a close-on-exec pipe, so the caller learns
-    "no such file" at once instead of seeing a process that exits 127.
+    "no such file" at once instead of seeing a process that exits 127. With
+    die_with_parent (from parent_death_signal), the child gets SIGTERM if we are killed:
+    a GAHP busy in a long command, or an ssh, must not outlive a server killed with -9.
     """
     import signal
 
     report_r, report_w = os.pipe()
+    parent = os.getpid()
     try:
         pid = os.fork()
     except OSError as e:  # EAGAIN at the process limit, ENOMEM: a failure like any other
-        os.close(report_r)
-        os.close(report_w)
+        close_fds((report_r, report_w))
         raise SpawnError("cannot fork for %s: %s" % (argv[0], e.strerror))
     if pid == 0:
         try:
+            if die_with_parent is not None:
+                die_with_parent()
+                if os.getppid() != parent:  # the parent died before we asked
+                    os._exit(1)
             os.setsid()
             os.dup2(stdin, 0)
             os.dup2(stdout, 1)
@@ -1186,24 +1527,76 @@ def spawn(argv, env, cwd, stdin, stdout, stderr):
     return pid
 
 
-class Backoff:
-    """When the next login may happen.
+def signal_group(pid, name):
+    import signal
 
-    At once after a link that held for LINK_STABLE, and at once, too, the first time a
-    link that came up drops early: one drop is the network, not the login. Growing,
-    jittered and capped while attempts keep failing or links keep flapping; and never
-    more than MAX_LOGINS_PER_MINUTE, whatever happens.
+    try:
+        os.killpg(pid, getattr(signal, name))
+    except OSError:
+        pass
+
+
+class Child:
+    """A process we started, from fork to reaping: the one place that ends children.
+
+    The role's SIGCHLD handler calls exited(). stop() sends SIGTERM after a grace and
+    SIGKILL after more, each only while our own record says the child has not been
+    reaped; a pid number can be reused, so we never ask the system.
+    """
+
+    def __init__(self, loop, pid, on_exit):
+        self.loop = loop
+        self.pid = pid
+        self.on_exit = on_exit
+        self.status = None
+        self.timers = []
+
+    def running(self):
+        return self.status is None
+
+    def exited(self, status):
+        self.status = status
+        for timer in self.timers:
+            timer.cancel()
+        self.on_exit(status)
+
+    def stop(self, term_after, kill_after, say=None):
+        """End it unless it ends by itself first; say(signal name) before each signal."""
+        if not self.running() or self.timers:
+            return
+
+        def send(name, then):
+            if self.running():
+                if say is not None:
+                    say(name)
+                signal_group(self.pid, name)
+                signal_group(self.pid, "SIGCONT")  # a stopped process must wake to die
+                if then:
+                    self.timers.append(self.loop.call_later(kill_after, then))
+
+        self.timers.append(self.loop.call_later(term_after, lambda: send("SIGTERM", lambda: send("SIGKILL", None))))
+
+
+class Backoff:
+    """When the next attempt at a link may happen.
+
+    An attempt that never reached the submit host's sshd (refused, unreachable, a
+    name that does not resolve) is no login: it is retried every few seconds, however
+    long the outage, so the link is back soon after the network. A login that failed
+    backs off: growing, jittered and capped. A link that held for LINK_STABLE proves
+    the login, and so does the first early drop (one drop is the network). And never
+    more than MAX_LOGINS_PER_MINUTE logins, whatever happens.
     """
 
     def __init__(self, cap):
         self.cap = cap
         self.failures = 0
-        self.attempts = []
+        self.logins = []  # start times of recent attempts that reached sshd
 
-    def attempted(self, now):
-        self.attempts = [t for t in self.attempts if now - t < LOGIN_WINDOW] + [now]
-
-    def next_delay(self, held_for, now):
+    def next_delay(self, started, held_for, now, reached=True):
+        if not reached:
+            return UNREACHED_RETRY * (0.75 + 0.5 * jitter())
+        self.logins = [t for t in self.logins if now - t < LOGIN_WINDOW] + [started]
         if held_for is not None and held_for >= LINK_STABLE:
             self.failures = 0
             delay = 0.0
@@ -1212,12 +1605,22 @@ class Backoff:
             steps = self.failures - (1 if held_for is not None else 0)
             delay = 0.0
             if steps > 0:
-                jitter = int.from_bytes(os.urandom(2), "big") / 65535.0
-                delay = min(self.cap, BACKOFF_FIRST * 2 ** min(steps - 1, 30)) * (0.75 + 0.5 * jitter)
-        recent = [t for t in self.attempts if now - t < LOGIN_WINDOW]
-        if len(recent) >= MAX_LOGINS_PER_MINUTE:
-            delay = max(delay, recent[-MAX_LOGINS_PER_MINUTE] + LOGIN_WINDOW - now)
-        return delay
+                delay = min(self.cap, BACKOFF_FIRST * 2 ** min(steps - 1, 30)) * (0.75 + 0.5 * jitter())
+        return max(delay, self.cap_delay(now))
+
+    def cap_delay(self, now):
+        """How long until one more login keeps within MAX_LOGINS_PER_MINUTE."""
+        recent = [t for t in self.logins if now - t < LOGIN_WINDOW]
+        if len(recent) < MAX_LOGINS_PER_MINUTE:
+            return 0.0
+        return max(0.0, recent[-MAX_LOGINS_PER_MINUTE] + LOGIN_WINDOW - now)
+
+    def recent(self, now, window=3600.0):
+        return len([t for t in self.logins if now - t < window])
+
+
+def jitter():
+    return int.from_bytes(os.urandom(2), "big") / 65535.0
 
 
 # --------------------------------------------------------------------------- the server
@@ -1243,8 +1646,22 @@ class Layout:
             self.config = config or os.path.join(dot, "condor_config.rvgahp")
             self.transport = transport or os.path.join(dot, "rvgahp_ssh")
             self.gahp_dir = None
+        # Login nodes usually share $HOME, so what belongs to one host's server (its
+        # lock and pid, its default logs) carries the host's name.
         self.state_dir = os.path.dirname(os.path.abspath(self.config))
-        self.pid_file = os.path.join(self.state_dir, "rvgahp_server.pid")
+        tag = host_tag()
+        self.pid_file = os.path.join(self.state_dir, "rvgahp_server.%s.pid" % tag)
+        self.default_log = os.path.join(self.state_dir, "rvgahp_server.%s.log" % tag)
+        self.default_gahp_stderr = os.path.join(self.state_dir, "gahp_stderr.%s.log" % tag)
+
+
+def host_tag():
+    """This host's name, safe in a file name."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in socket.gethostname()) or "localhost"
+
+
+# What ssh prints when it never reached the far sshd: the network, not the login.
+UNREACHED_SIGNS = ("ssh: connect to host ", "ssh: Could not resolve hostname", "Connection timed out during banner exchange")
 
 
 class Server:
@@ -1256,21 +1673,25 @@ class Server:
         self.config = config
         self.config_stamp = self._stamp()
         self.loop = Loop(log)
-        self.ping_interval = config.number("RVGAHP_PING_INTERVAL", DEFAULT_PING_INTERVAL, 0.05)
-        self.ping_timeout = config.number("RVGAHP_PING_TIMEOUT", DEFAULT_PING_TIMEOUT, 0.1)
-        self.backoff = Backoff(config.number("RVGAHP_BACKOFF_MAX", DEFAULT_BACKOFF_MAX, 0.0))
-        self.gahp_stderr = config.get("RVGAHP_GAHP_STDERR") or os.path.join(layout.state_dir, "gahp_stderr.log")
+        self.ping_interval = config.number("RVGAHP_PING_INTERVAL", DEFAULT_PING_INTERVAL, LIMITS["ping_interval"])
+        self.ping_timeout = config.number("RVGAHP_PING_TIMEOUT", DEFAULT_PING_TIMEOUT, LIMITS["ping_timeout"])
+        self.backoff = Backoff(config.number("RVGAHP_BACKOFF_MAX", DEFAULT_BACKOFF_MAX, LIMITS["backoff_max"]))
+        self.want_spares = config.number("RVGAHP_SPARE_GAHPS", 1, LIMITS["spare_gahps"]) > 0
+        self.die_with_parent = parent_death_signal()
         self.link = None
+        self.transport = None  # the Child running the current transport
+        self.transport_lines = []  # its last few stderr lines: often the diagnosis
+        self.unreached = False  # it said it never reached the submit host's sshd
         self.attempt_started = None
         self.link_up_at = None
         self.failure = None  # why the current login attempt or link ended
         self.next_attempt = None  # the timer for the next login
-        self.transport_pid = None
-        self.transport_status = None
-        self.children = {}  # pid -> callback(status)
+        self.history = []  # (start, "up" | "failed") of logins in the last hour, for status
+        self.children = {}  # pid -> Child, until reaped
         self.sessions = {}  # pid -> ServerSession, until the process is reaped
         self.spares = {}  # GAHP argv -> Spare: started ahead, for the next session of its kind
-        self.want_spares = config.number("RVGAHP_SPARE_GAHPS", 1, 0) > 0
+        self.next_tunnel_cid = 0
+        self.tcp_owner_note = False  # said once that tunnel peers cannot be checked here
         self.stopping = False
 
     def run(self):
@@ -1280,7 +1701,14 @@ class Server:
         self.loop.on_signal(signal.SIGTERM, self.shutdown)
         self.loop.on_signal(signal.SIGINT, self.shutdown)
         self.loop.on_signal(signal.SIGHUP, self.log.reopen_after_sighup)
-        self.log.info("rvgahp %s starting (Python %s); config %s" % (VERSION, sys.version.split()[0], self.config.path))
+        self.loop.on_signal(signal.SIGUSR1, self.nudged)
+        self.log.info(
+            "rvgahp %s starting on %s (Python %s); config %s" % (VERSION, socket.gethostname(), sys.version.split()[0], self.config.path)
+        )
+        for note in self.config.notes:
+            self.log.info(note)
+        if self.die_with_parent is None:
+            self.log.info("note: this system cannot end GAHPs with the server (no prctl), so a kill -9 of the server leaves them running")
         self.connect()
         self.loop.run()
         self.log.info("stopped")
@@ -1291,42 +1719,36 @@ class Server:
     def connect(self):
         if self.stopping:
             return
-        now = time.monotonic()
-        self.backoff.attempted(now)
-        self.attempt_started = now
+        self.attempt_started = time.monotonic()
         self.link_up_at = None
-        self.transport_status = None
         self.failure = None
+        self.transport_lines = []
+        self.unreached = False
         transport = self.layout.transport
         if not os.path.isfile(transport):
             self._cannot_start("transport %s does not exist; create it (see the README)" % transport)
             return
-        fds = []
         try:
-            for _ in range(3):
-                fds.extend(os.pipe())
-        except OSError as e:
-            for fd in fds:
-                close_fd(fd)
-            self._cannot_start("cannot make pipes for the transport: %s" % e.strerror)
+            link_in, transport_out, transport_in, link_out, err_r, err_w = make_pipes(3, "the transport")
+        except UserError as e:
+            self._cannot_start(str(e))
             return
-        link_in, transport_out, transport_in, link_out, err_r, err_w = fds
         try:
-            pid = spawn(["/bin/sh", transport], dict(os.environ), self.layout.home, transport_in, transport_out, err_w)
+            pid = spawn(
+                ["/bin/sh", transport], dict(os.environ), self.layout.home, transport_in, transport_out, err_w, self.die_with_parent
+            )
         except SpawnError as e:
-            for fd in (link_in, link_out, err_r):
-                close_fd(fd)
+            close_fds((link_in, link_out, err_r))
             self._cannot_start("cannot run the transport: %s" % e)
             return
         finally:
-            for fd in (transport_in, transport_out, err_w):
-                close_fd(fd)
-        self.transport_pid = pid
-        self.children[pid] = self.transport_exited
+            close_fds((transport_in, transport_out, err_w))
+        self.transport = self.children[pid] = Child(self.loop, pid, self.transport_exited)
         self.log.info("link: started transport %s (pid %d)" % (transport, pid))
         LineReader(self.loop, err_r, self.transport_said)
         self.link = Link(self.loop, self.log, link_in, link_out, self)
         self.link.set_ping(self.ping_interval, self.ping_timeout)
+        now = time.monotonic()
         self.link.start(
             {
                 "role": "server",
@@ -1335,12 +1757,15 @@ class Server:
                 "host": socket.gethostname(),
                 "ping_interval": self.ping_interval,
                 "ping_timeout": self.ping_timeout,
+                "features": ",".join(FEATURES),
+                "logins_1h": len([t for t, _ in self.history if now - t < 3600]),
+                "failed_logins_1h": len([t for t, outcome in self.history if now - t < 3600 and outcome == "failed"]),
             }
         )
 
     def _cannot_start(self, reason):
         self.failure = reason
-        self.transport_pid = None
+        self.transport = None
         self.link = None
         self._attempt_over()
 
@@ -1350,6 +1775,9 @@ class Server:
             self.log.write_line(line)
         elif line.strip():
             self.log.info("transport: %s" % line)
+            self.transport_lines = self.transport_lines[-4:] + [line.strip()]
+            if line.startswith(UNREACHED_SIGNS) and self.link_up_at is None:
+                self.unreached = True
 
     def on_noise(self, noise):
         lines = noise.decode("utf-8", "replace").splitlines()
@@ -1381,6 +1809,11 @@ class Server:
         )
         if standby:
             self.log.info("standing by: %s" % fields.get("reason", "the socket is busy"))
+        if "tunnel" not in self.link.features:
+            self.log.info(
+                "the rvgahp_proxy (rvgahp %s) has no file-transfer tunnel, so condor_ft-gahp transfers will go direct; "
+                "install this rvgahp.pyz on the submit host too" % fields.get("rvgahp", "?")
+            )
 
     def on_state(self, fields):
         if fields.get("state") == "active":
@@ -1388,37 +1821,21 @@ class Server:
         elif fields.get("state") == "error":
             self.link.close("the proxy cannot serve: %s" % fields.get("reason", "no reason given"))
 
+    def on_tunnel(self, cid, payload):
+        raise ProtocolError("the proxy sent a TUNNEL frame")
+
     def on_link_closed(self, reason):
-        if self.link_up_at is not None:
-            self.log.info("link down after %.1f s: %s" % (time.monotonic() - self.link_up_at, reason))
         self.failure = reason
         # A transport that closed the link is on its way out: give it a moment, so its
-        # exit status (ssh's 255, a shell's 127) is what we report, not our SIGTERM.
+        # exit status (ssh's 255, a shell's 127, a kill -9) is what we report, not our SIGTERM.
         self.stop_transport(grace=1.0 if self.link.ended_by_peer else 0.0)
         self._attempt_over()
 
     def stop_transport(self, grace=0.0):
-        pid = self.transport_pid
-
-        def alive():  # this transport, not just this pid number: pids get reused
-            return pid is not None and self.transport_pid == pid and self.transport_status is None
-
-        if not alive():
-            return
-
-        def term():
-            if alive():
-                signal_group(pid, "SIGTERM")
-                signal_group(pid, "SIGCONT")  # a stopped (hung) transport must wake to die
-                self.loop.call_later(TRANSPORT_KILL_AFTER, lambda: alive() and signal_group(pid, "SIGKILL"))
-
-        if grace:
-            self.loop.call_later(grace, term)
-        else:
-            term()
+        if self.transport is not None:
+            self.transport.stop(grace, TRANSPORT_KILL_AFTER)
 
     def transport_exited(self, status):
-        self.transport_status = status
         link = self.link
         if link is not None and not link.closed:
             # Let the link read what the transport printed last: it is often the diagnosis.
@@ -1427,75 +1844,128 @@ class Server:
         self._attempt_over()
 
     def _attempt_over(self):
-        """Once the link is closed and its transport reaped, plan the next login."""
+        """Once the link is closed and its transport reaped: say why, plan the next login."""
         if self.link is not None and not self.link.closed:
             return
-        if self.transport_pid is not None and self.transport_pid in self.children:
+        if self.transport is not None and self.transport.running():
             return
         if self.stopping:
             self._maybe_exit()
             return
         if self.next_attempt is not None:
             return
+        now = time.monotonic()
+        reached = not self.unreached
         if self.link_up_at is None:
             self.log.info("link attempt failed: %s" % self._diagnosis())
-        held = None if self.link_up_at is None else time.monotonic() - self.link_up_at
-        delay = self.backoff.next_delay(held, time.monotonic())
-        if delay > 0:
+        else:
+            self.log.info("link down after %.1f s: %s" % (now - self.link_up_at, self._diagnosis()))
+        if reached:
+            self.history = [h for h in self.history if now - h[0] < 3600] + [(self.attempt_started, "up" if self.link_up_at else "failed")]
+        held = None if self.link_up_at is None else now - self.link_up_at
+        delay = self.backoff.next_delay(self.attempt_started, held, now, reached)
+        if not reached:
+            self.log.info("the submit host was not reached, so that was no login; trying again in %.1f s" % delay)
+        elif delay > 0:
             self.log.info("next login attempt in %.1f s (%d failed in a row)" % (delay, self.backoff.failures))
         else:
             self.log.info("reconnecting now")
         self.next_attempt = self.loop.call_later(delay, self._attempt_due)
 
     def _diagnosis(self):
-        """Why a login did not give us a link, in the words most useful to an admin."""
-        link_said_eof = self.link is not None and self.link.ended_by_peer
-        if self.transport_status is not None and (link_said_eof or "transport ended" in self.failure):
-            fields = describe_status(self.transport_status)
-            return "the transport ended (%s)%s" % (status_text(fields), transport_hint(fields))
+        """Why a login gave no link or a link ended, in the words most useful to an admin."""
+        status = None if self.transport is None else self.transport.status
+        ended_by_transport = self.link is None or self.link.ended_by_peer or "transport ended" in (self.failure or "")
+        if status is not None and ended_by_transport:
+            fields = describe_status(status)
+            return "the transport ended (%s)%s" % (status_text(fields), transport_hint(fields, self.transport_lines))
         return self.failure
 
     def _attempt_due(self):
         self.next_attempt = None
         self.connect()
 
+    def nudged(self):
+        """Another start of the server (cron) found us running: try the link now."""
+        if self.next_attempt is None:
+            self.log.info("asked to reconnect now, but the link is %s" % ("up" if self.link_up_at else "being attempted"))
+            return
+        self.next_attempt.cancel()
+        self.backoff.failures = 0
+        wait = self.backoff.cap_delay(time.monotonic())
+        if wait > 0:
+            self.log.info("asked to reconnect now (another start); the login limit allows the next one in %.1f s" % wait)
+            self.next_attempt = self.loop.call_later(wait, self._attempt_due)
+        else:
+            self.log.info("asked to reconnect now (another start): trying at once")
+            self.next_attempt = None
+            self.connect()
+
     # -- sessions
 
     def on_open(self, cid, payload):
         link = self.link
+        if cid in link.channels or cid == 0 or cid & TUNNEL_CHANNEL:
+            link.close("protocol error: OPEN for channel %d, which is in use or not the proxy's to open" % cid)
+            return
         try:
             fields = decode_fields(payload)
         except ProtocolError as e:
             self.refuse(cid, "malformed request: %s" % e)
             return
-        gahp = fields.get("gahp", "")
-        if cid in link.channels or cid == 0:
-            link.close("protocol error: OPEN for channel %d, which is in use" % cid)
-            return
         if len(self.sessions) >= MAX_SESSIONS:
             self.refuse(cid, "this server already runs %d GAHPs (the limit)" % MAX_SESSIONS)
             return
         try:
-            argv, env = self.gahp_command(gahp)
-            spare = self.spares.pop(tuple(argv), None)
-            if spare is not None:
-                pid, stdin_w, stdout_r = spare.hand_over()
-                origin = "a spare started %.1f s ago" % (time.monotonic() - spare.born)
-            else:
-                pid, stdin_w, stdout_r = self.spawn_gahp(argv, env)
-                origin = "started now"
+            self.start_session(cid, fields)
         except UserError as e:
             self.refuse(cid, str(e))
-            return
-        session = ServerSession(self, cid, gahp, pid, stdout_r, stdin_w)
+        except Exception as e:  # one session's fault never takes the link down
+            self.log.debug(traceback_text())
+            self.refuse(cid, "internal error: %s" % e)
+
+    def start_session(self, cid, fields):
+        gahp = fields.get("gahp", "")
+        argv, env, config = self.gahp_command(gahp)
+        spare = self.spares.pop(tuple(argv), None)
+        if spare is not None:
+            child, stdout_r, stdin_w = spare.hand_over()
+            origin = "a spare started %.1f s ago" % (time.monotonic() - spare.born)
+        else:
+            child, stdout_r, stdin_w = self.spawn_gahp(argv, env, config)
+            origin = "started now"
+        session = ServerSession(self, cid, gahp, child, stdout_r, stdin_w)
+        reply = {"pid": child.pid}
+        if fields.get("tunnel") == "1":
+            reply.update(self.open_tunnel(session, config))
         self.link.channels[cid] = session
-        self.sessions[pid] = session
-        self.children[pid] = session.exited
-        link.send(ACCEPT, cid, encode_fields({"pid": pid}))
+        self.sessions[child.pid] = session
+        self.link.send(ACCEPT, cid, encode_fields(reply))
         session.begin_relay()
-        self.log.info("session %d: %s runs as pid %d, %s (%s)" % (cid, gahp, pid, origin, argv[0]))
+        self.log.info("session %d: %s runs as pid %d, %s (%s)%s" % (cid, gahp, child.pid, origin, argv[0], session.tunnel_note()))
         if self.want_spares:
-            self.loop.call_later(SPARE_AFTER, lambda: self.make_spare(gahp, argv, env))
+            # After the next poll, so the banner already waiting in the spare's pipe goes
+            # out before the server spends time on a fork.
+            self.loop.soon(lambda: self.make_spare(gahp, argv, env, config))
+
+    def open_tunnel(self, session, config):
+        """The ACCEPT fields that tell the client about this session's tunnel port."""
+        if not config.boolean("RVGAHP_FT_TUNNEL", True):
+            return {"tunnel": "off"}
+        try:
+            session.tunnel = TunnelListener(self, session)
+        except OSError as e:
+            reason = "cannot open a TCP port on the cluster's 127.0.0.1: %s" % (e.strerror or e)
+            self.log.info("session %d: tunnel: %s" % (session.cid, reason))
+            return {"tunnel": "error", "tunnel_error": reason}
+        return {"tunnel": "on", "tunnel_port": session.tunnel.port}
+
+    def new_tunnel_cid(self):
+        while True:
+            self.next_tunnel_cid = self.next_tunnel_cid % 0x7FFFFFFF + 1
+            cid = TUNNEL_CHANNEL | self.next_tunnel_cid
+            if cid not in self.link.channels:
+                return cid
 
     def refuse(self, cid, reason):
         self.log.info("session %d: refused: %s" % (cid, reason))
@@ -1508,6 +1978,8 @@ class Server:
             self.config = Config.load(self.config.path)
             self.config_stamp = stamp
             self.log.info("re-read config %s" % self.config.path)
+            for note in self.config.notes:
+                self.log.info(note)
             self.discard_spares()  # they run with the old settings
         return self.config
 
@@ -1519,6 +1991,7 @@ class Server:
             return None
 
     def gahp_command(self, gahp):
+        """(argv, environment, config) for a GAHP of this name, or a UserError that says why not."""
         if gahp not in GAHPS:
             raise UserError("unknown GAHP %r; this server runs %s" % (gahp[:80], ", ".join(sorted(GAHPS))))
         config = self.current_config()
@@ -1536,54 +2009,47 @@ class Server:
             value = config.get(name)
             if value:
                 env[name] = value
-        return [path] + args, env
+        return [path] + args, env, config
 
-    def make_spare(self, gahp, argv, env):
+    def make_spare(self, gahp, argv, env, config):
         """Start a GAHP of this kind before anyone asks, so the next session's is up."""
         key = tuple(argv)
         if self.stopping or key in self.spares or self._stamp() != self.config_stamp:
             return
         try:
-            pid, stdin_w, stdout_r = self.spawn_gahp(argv, env)
+            child, stdout_r, stdin_w = self.spawn_gahp(argv, env, config)
         except UserError as e:
             self.log.info("cannot start a spare %s: %s" % (gahp, e))
             return
-        spare = Spare(self, key, gahp, pid, stdin_w, stdout_r)
-        self.spares[key] = spare
-        self.children[pid] = spare.exited
+        self.spares[key] = Spare(self, key, gahp, child, stdout_r, stdin_w)
 
     def discard_spares(self):
         for spare in list(self.spares.values()):
             spare.discard()
         self.spares.clear()
 
-    def spawn_gahp(self, argv, env):
-        """fork + exec one GAHP; (pid, its stdin's write end, its stdout's read end)."""
-        fds = []
+    def spawn_gahp(self, argv, env, config):
+        """fork + exec one GAHP: (its Child, its stdout's read end, its stdin's write end)."""
+        name = os.path.basename(argv[0])
+        stderr_path = config.get("RVGAHP_GAHP_STDERR") or self.layout.default_gahp_stderr
+        if stderr_path == os.devnull:
+            stderr_fd = os.open(os.devnull, os.O_WRONLY)
+        else:
+            stderr_fd = open_private(stderr_path, os.O_WRONLY | os.O_APPEND, "the GAHP stderr log")
         try:
-            fds.extend(os.pipe())
-            fds.extend(os.pipe())
-        except OSError as e:
-            for fd in fds:
-                close_fd(fd)
-            raise UserError("cannot make pipes for %s: %s" % (os.path.basename(argv[0]), e.strerror))
-        stdin_r, stdin_w, stdout_r, stdout_w = fds
+            stdin_r, stdin_w, stdout_r, stdout_w = make_pipes(2, name)
+        except UserError:
+            close_fd(stderr_fd)
+            raise
         try:
-            stderr_fd = os.open(self.gahp_stderr, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        except OSError as e:
-            for fd in fds:
-                close_fd(fd)
-            raise UserError("cannot open the GAHP stderr log %s: %s" % (self.gahp_stderr, e.strerror))
-        try:
-            pid = spawn(argv, env, self.layout.home, stdin_r, stdout_w, stderr_fd)
+            pid = spawn(argv, env, self.layout.home, stdin_r, stdout_w, stderr_fd, self.die_with_parent)
         except SpawnError as e:
-            close_fd(stdin_w)
-            close_fd(stdout_r)
-            raise UserError("cannot start %s: %s" % (os.path.basename(argv[0]), e))
+            close_fds((stdin_w, stdout_r))
+            raise UserError("cannot start %s: %s" % (name, e))
         finally:
-            for fd in (stdin_r, stdout_w, stderr_fd):
-                close_fd(fd)
-        return pid, stdin_w, stdout_r
+            close_fds((stdin_r, stdout_w, stderr_fd))
+        child = self.children[pid] = Child(self.loop, pid, lambda status: None)
+        return child, stdout_r, stdin_w
 
     def reap(self):
         while True:
@@ -1593,13 +2059,13 @@ class Server:
                 break
             if pid == 0:
                 break
-            callback = self.children.pop(pid, None)
-            if callback is not None:
-                callback(status)
+            child = self.children.pop(pid, None)
+            if child is not None:
+                child.exited(status)
         self._maybe_exit()
 
     def gahp_gone(self, session):
-        self.sessions.pop(session.pid, None)
+        self.sessions.pop(session.child.pid, None)
 
     # -- signals
 
@@ -1607,7 +2073,10 @@ class Server:
         if self.stopping:
             return
         self.stopping = True
-        self.log.info("shutting down: closing the link and ending %d GAHPs" % len(self.sessions))
+        self.log.info(
+            "shutting down: closing the link, ending %d GAHP%s in sessions and %d spare%s"
+            % (len(self.sessions), "" if len(self.sessions) == 1 else "s", len(self.spares), "" if len(self.spares) == 1 else "s")
+        )
         self.discard_spares()
         if self.next_attempt is not None:
             self.next_attempt.cancel()
@@ -1623,25 +2092,20 @@ class Server:
             self.loop.stop()
 
 
-def transport_hint(fields):
+def transport_hint(fields, lines):
+    """What to do about a transport's exit, quoting its own last words where they name the fault."""
     code = fields.get("exit")
+    said = (": it said %r" % lines[-1][:200]) if lines else ""
     if code == 255:
         return "; ssh failed: its messages are above"
     if code == 127:
-        return "; a command was not found: check rvgahp_ssh, and that rvgahp_proxy is on the submit host's PATH"
+        return (
+            '; a command was not found%s; check the path of rvgahp_proxy in command="..." in the submit host\'s '
+            "authorized_keys and in rvgahp_ssh" % said
+        )
     if code == 126:
-        return "; a command was not executable"
+        return "; a command was not executable%s; chmod +x it (rvgahp.pyz, and the script that runs it)" % said
     return ""
-
-
-def signal_group(pid, name):
-    import signal
-
-    try:
-        os.killpg(pid, getattr(signal, name))
-    except OSError:
-        pass
-    return True
 
 
 class Spare:
@@ -1652,63 +2116,60 @@ class Spare:
     at start cannot turn into a fork loop.
     """
 
-    def __init__(self, server, key, gahp, pid, stdin_w, stdout_r):
+    def __init__(self, server, key, gahp, child, stdout_r, stdin_w):
         self.server = server
         self.key = key
         self.gahp = gahp
-        self.pid = pid
-        self.stdin_w = stdin_w
+        self.child = child
         self.stdout_r = stdout_r
+        self.stdin_w = stdin_w
         self.born = time.monotonic()
-        self.status = None
+        child.on_exit = self.exited
 
     def hand_over(self):
         """The process and its pipes, for a session; the spare lets go of them."""
-        fds = (self.pid, self.stdin_w, self.stdout_r)
-        self.stdin_w = self.stdout_r = None
-        return fds
+        handed = (self.child, self.stdout_r, self.stdin_w)
+        self.stdout_r = self.stdin_w = None
+        return handed
 
     def exited(self, status):
-        self.status = status
         idle = self.server.spares.get(self.key) is self
         self.discard()
         if idle:
             del self.server.spares[self.key]
             self.server.log.info(
                 "spare %s pid %d exited while idle (%s); the next session starts its own"
-                % (self.gahp, self.pid, status_text(describe_status(status)))
+                % (self.gahp, self.child.pid, status_text(describe_status(status)))
             )
 
     def discard(self):
         """Close its pipes: it sees EOF and exits, and is made to if it does not."""
-        close_fd(self.stdin_w)
-        close_fd(self.stdout_r)
+        close_fds((self.stdin_w, self.stdout_r))
         self.stdin_w = self.stdout_r = None
-        if self.status is None:
-            # Our own status, not a pid lookup, says whether it still runs: a pid can be reused.
-            loop = self.server.loop
-            loop.call_later(GAHP_TERM_AFTER, lambda: self.status is None and signal_group(self.pid, "SIGTERM"))
-            loop.call_later(GAHP_TERM_AFTER + GAHP_KILL_AFTER, lambda: self.status is None and signal_group(self.pid, "SIGKILL"))
+        self.child.stop(GAHP_TERM_AFTER, GAHP_KILL_AFTER)
 
 
 class ServerSession(Channel):
     """A GAHP process on one channel: its stdout is the source, its stdin the sink."""
 
-    def __init__(self, server, cid, gahp, pid, stdout_r, stdin_w):
+    def __init__(self, server, cid, gahp, child, stdout_r, stdin_w):
         Channel.__init__(self, server.link, cid, stdout_r, stdin_w)
         self.server = server
         self.gahp = gahp
-        self.pid = pid
-        self.status = None
-        self.timers = []
+        self.child = child
+        self.tunnel = None  # its TunnelListener, for a condor_ft-gahp
+        child.on_exit = self.exited
+
+    def tunnel_note(self):
+        return "; tunnel port %d" % self.tunnel.port if self.tunnel else ""
+
+    def summary(self):
+        return session_summary(self, self.received, self.sent)
 
     def source_ended(self):
         self._maybe_finish()
 
     def exited(self, status):
-        self.status = status
-        for timer in self.timers:
-            timer.cancel()
         self.server.gahp_gone(self)
         if not self.released and not self.source_done:
             # A grandchild may hold stdout open; don't let it keep the session alive.
@@ -1724,37 +2185,255 @@ class ServerSession(Channel):
         self.end_source()
 
     def _maybe_finish(self):
-        if self.released or not self.source_done or self.status is None:
+        if self.released or not self.source_done or self.child.running():
             return
-        fields = describe_status(self.status)
+        fields = describe_status(self.child.status)
         self.link.send(CLOSE, self.cid, encode_fields(fields))
-        self.log.info("session %d: %s pid %d ended (%s) after %s" % (self.cid, self.gahp, self.pid, status_text(fields), self.summary()))
+        self.log.info(
+            "session %d: %s pid %d ended (%s) after %s" % (self.cid, self.gahp, self.child.pid, status_text(fields), self.summary())
+        )
         self.release()
+
+    def release(self):
+        Channel.release(self)
+        if self.tunnel is not None:
+            self.tunnel.close()
 
     def peer_closed(self, fields):
         self.log.info("session %d: the client ended it (%s) after %s" % (self.cid, status_text(fields), self.summary()))
         self._abandon()
 
+    def failed(self, reason):
+        self._abandon()
+
     def link_lost(self, reason):
-        self.log.info("session %d: %s pid %d loses its link after %s" % (self.cid, self.gahp, self.pid, self.summary()))
+        self.log.info("session %d: %s pid %d loses its link after %s" % (self.cid, self.gahp, self.child.pid, self.summary()))
         self._abandon()
 
     def _abandon(self):
         """Close the GAHP's pipes; it should exit on EOF, and is made to if it doesn't."""
         self.release()
-        if self.status is None:
-            self.timers.append(self.loop.call_later(GAHP_TERM_AFTER, self._terminate))
 
-    def _terminate(self):
-        if self.status is None:
-            self.log.info("session %d: %s pid %d ignored EOF; sending SIGTERM" % (self.cid, self.gahp, self.pid))
-            signal_group(self.pid, "SIGTERM")
-            self.timers.append(self.loop.call_later(GAHP_KILL_AFTER, self._kill))
+        def say(name):
+            self.log.info(
+                "session %d: %s pid %d ignored %s; sending %s"
+                % (self.cid, self.gahp, self.child.pid, "EOF" if name == "SIGTERM" else "SIGTERM", name)
+            )
 
-    def _kill(self):
-        if self.status is None:
-            self.log.info("session %d: %s pid %d ignored SIGTERM; sending SIGKILL" % (self.cid, self.gahp, self.pid))
-            signal_group(self.pid, "SIGKILL")
+        self.child.stop(GAHP_TERM_AFTER, GAHP_KILL_AFTER, say)
+
+
+# --------------------------------------------------------------------------- the tunnel
+
+# Channels of tunnel connections are numbered by the server with this bit set, so they
+# never meet the proxy's session numbers.
+TUNNEL_CHANNEL = 0x80000000
+TUNNEL_CONNECT_TIMEOUT = 20.0  # the proxy gives up on a GridManager endpoint after this
+
+
+class TunnelListener:
+    """A session's TCP port on the cluster's 127.0.0.1, where its condor_ft-gahp connects
+    for each transfer. Each connection becomes a channel to the proxy, which connects it
+    on to the GridManager address that the session's client announced, and nowhere else.
+    Only our own uid may connect: `ssh -R` lets in any local user, we do not."""
+
+    def __init__(self, server, session):
+        self.server = server
+        self.session = session
+        self.loop = server.loop
+        self.log = server.log
+        self.conns = {}  # cid -> TunnelConn
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        self.sock = sock
+        self.port = sock.getsockname()[1]
+        self.loop.on_readable(sock.fileno(), self._accept)
+
+    def _accept(self):
+        while self.sock is not None:
+            try:
+                conn, peer = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    self.log.info("session %d: tunnel: cannot accept: %s; pausing accepts for 1 s" % (self.session.cid, e.strerror))
+                    self.loop.on_readable(self.sock.fileno(), None)
+                    self.loop.call_later(1.0, self._resume)
+                    return
+                raise
+            if not self._welcome(conn, peer):
+                conn.close()
+                continue
+            cid = self.server.new_tunnel_cid()
+            self.conns[cid] = tunnel = TunnelConn(self.server.link, cid, conn, self.session, self.conns)
+            self.server.link.channels[cid] = tunnel
+            self.server.link.send(TUNNEL, cid, encode_fields({"session": self.session.cid}))
+            tunnel.begin_relay()
+
+    def _welcome(self, conn, peer):
+        """Whether this connection may use the tunnel: our uid, and within the limit."""
+        cid = self.session.cid
+        uid = tcp_peer_uid(peer, conn.getsockname())
+        if uid is None and not self.server.tcp_owner_note:
+            self.server.tcp_owner_note = True
+            self.log.info("tunnel: cannot tell here which user connects to a tunnel port (no /proc/net/tcp); any local user can use it")
+        if uid == -1:
+            self.log.info("session %d: tunnel: closed a connection whose owner is not in /proc/net/tcp" % cid)
+            return False
+        if uid is not None and uid != os.getuid():
+            self.log.info("session %d: tunnel: closed a connection from uid %d (only uid %d may use it)" % (cid, uid, os.getuid()))
+            return False
+        if len(self.conns) >= MAX_TUNNEL_CONNECTIONS:
+            self.log.info("session %d: tunnel: closed a connection: %d are open (the limit)" % (cid, MAX_TUNNEL_CONNECTIONS))
+            return False
+        return True
+
+    def _resume(self):
+        if self.sock is not None:
+            self.loop.on_readable(self.sock.fileno(), self._accept)
+
+    def close(self):
+        """The session is over: no new connections, and the open ones end with it."""
+        if self.sock is not None:
+            self.loop.forget(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+        for conn in list(self.conns.values()):
+            conn.abort("its session ended")
+
+
+def tcp_peer_uid(peer, local):
+    """The uid owning the local TCP socket at `peer` connected to `local`, from
+    /proc/net/tcp; None where that cannot be found out."""
+    try:
+        with open("/proc/net/tcp") as f:
+            table = f.read()
+    except OSError:
+        return None
+
+    def key(address):
+        host, port = address[:2]
+        return "%08X:%04X" % (struct.unpack("=I", socket.inet_aton(host))[0], port)
+
+    want = (key(peer), key(local))
+    for line in table.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 7 and (fields[1], fields[2]) == want:
+            return int(fields[7])
+    return -1  # gone already (or a TIME_WAIT entry): not provably ours
+
+
+class TunnelConn(Channel):
+    """One TCP connection through the tunnel: the same class at both ends.
+
+    Its socket is both source and sink. EOF travels as a half-close: our read side ending
+    sends EOF; the peer's EOF, once its data is written, shuts our write side. When both
+    directions are done the channel ends; an error at either end aborts both.
+    """
+
+    def __init__(self, link, cid, sock, session, registry):
+        Channel.__init__(self, link, cid, sock.fileno(), sock.fileno())
+        self.sock = sock
+        self.session = session
+        self.registry = registry  # the session's table of its connections
+        self.closed = False
+        self.target = None  # where the proxy connects it to
+        self.connect_timer = None
+
+    def connect(self, address, text):
+        """At the proxy: connect on to the GridManager, holding the peer's bytes till then."""
+        self.target = text
+        self.hold_sink()
+        err = self.sock.connect_ex(address)
+        if err not in (0, errno.EINPROGRESS):
+            self._connect_failed(os.strerror(err))
+            return
+        self.loop.on_writable(self.sock.fileno(), self._connected)
+        self.connect_timer = self.loop.call_later(
+            TUNNEL_CONNECT_TIMEOUT, lambda: self._connect_failed("no answer within %g s" % TUNNEL_CONNECT_TIMEOUT)
+        )
+
+    def _connected(self):
+        self.loop.on_writable(self.sock.fileno(), None)
+        self.connect_timer.cancel()
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._connect_failed(os.strerror(err))
+            return
+        self.begin_relay()
+        self.release_sink()
+
+    def _connect_failed(self, reason):
+        if self.released:
+            return
+        self.log.info("session %d: tunnel: cannot connect to %s: %s" % (self.session.cid, self.target, reason))
+        self.abort("cannot connect to the GridManager at %s: %s" % (self.target, reason))
+
+    def summary(self):
+        return "%.1f s, %s sent, %s received" % (self.age(), human_bytes(self.sent), human_bytes(self.received))
+
+    def _close_source(self):
+        self.source_done = True
+        self.reading = False
+        self.loop.on_readable(self.source_fd, None)
+        self._close_when_done()
+
+    def _close_sink(self):
+        self.sink_done = True
+        self.sink.detach()
+        if not self.closed:
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        self._close_when_done()
+
+    def _close_when_done(self):
+        if self.source_done and self.sink_done and not self.closed:
+            self.closed = True
+            self.loop.forget(self.sock.fileno())
+            self.sock.close()
+
+    def source_ended(self):
+        if self.sink_done:
+            self.release()
+
+    def sink_ended(self):
+        if self.source_done:
+            self.release()
+
+    def release(self):
+        Channel.release(self)
+        if self.registry.get(self.cid) is self:
+            del self.registry[self.cid]
+
+    def abort(self, reason):
+        """End it now, both ways, and tell the peer: a reset, not a clean close."""
+        if self.released:
+            return
+        self.link.send(CLOSE, self.cid, encode_fields({"error": reason}))
+        self._reset()
+
+    def _reset(self):
+        if not self.closed:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        self.release()
+
+    def peer_closed(self, fields):
+        self._reset()
+
+    def failed(self, reason):
+        self._reset()
 
 
 # --------------------------------------------------------------------------- the proxy
@@ -1766,13 +2445,16 @@ class Proxy:
     def __init__(self, log, sockpath):
         self.log = log
         self.sockpath = sockpath
+        self.lock_path = sockpath + ".lock"
         self.loop = Loop(log)
         self.listener = None
         self.lock_fd = None
         self.bound_inode = None
         self.link = None
         self.ready = False
+        self.standby = False
         self.waiting = []  # sessions that arrived before the server's hello
+        self.sessions = {}  # cid -> ProxySession, until released
         self.clients = set()
         self.draining = set()  # sessions whose GAHP has ended, still writing its last output
         self.next_cid = 0
@@ -1790,7 +2472,14 @@ class Proxy:
         self.loop.on_signal(signal.SIGTERM, self.shutdown)
         self.loop.on_signal(signal.SIGINT, self.shutdown)
         self.loop.on_signal(signal.SIGHUP, self.log.reopen_after_sighup)
-        hello = {"role": "proxy", "rvgahp": VERSION, "pid": os.getpid(), "host": socket.gethostname(), "socket": self.sockpath}
+        hello = {
+            "role": "proxy",
+            "rvgahp": VERSION,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "socket": self.sockpath,
+            "features": ",".join(FEATURES),
+        }
         try:
             self.claim_socket()
             hello["state"] = "active"
@@ -1798,82 +2487,138 @@ class Proxy:
             # Another link serves the socket: keep this one up as a hot standby that
             # takes over when that one ends, without another ssh login.
             self.log.info("%s; standing by to take over when it ends" % e)
+            self.standby = True
             hello.update(state="standby", reason=str(e))
             self.loop.call_later(STANDBY_POLL, self._try_takeover)
         except UserError as e:
-            reason = str(e)
-            self.log.info(reason)
-            hello.update(state="error", reason=reason)
-            self.link.start(hello)
-            # Say why, then end: the server logs the reason and backs off.
-            self.link.outbox.when_drained(lambda: self.link.close(reason))
+            self._cannot_serve(str(e), hello)
             self.loop.run()
             return 1
         self.link.start(hello)
         self.loop.run()
         return 0
 
+    def _cannot_serve(self, reason, hello=None):
+        """Say why to the server (which logs it and backs off), then end the link."""
+        self.log.info(reason)
+        if hello is not None:
+            hello.update(state="error", reason=reason)
+            self.link.start(hello)
+        else:
+            self.link.send(STATE, 0, encode_fields({"state": "error", "reason": reason}))
+        self.link.outbox.when_drained(lambda: self.link.close(reason))
+
     def _try_takeover(self):
         if self.link.closed:
             return
         try:
-            self.claim_socket()
+            try:
+                self.claim_socket()
+            except SocketBusy:
+                silent = self._owner_silent_for()
+                if silent is None or silent <= self.link.ping_timeout:
+                    self.loop.call_later(STANDBY_POLL, self._try_takeover)
+                    return
+                self.log.info(
+                    "the rvgahp_proxy serving %s has not been heard from for %.0f s (stopped or hung?); taking over"
+                    % (self.sockpath, silent)
+                )
+                self.claim_socket(owner_is_silent=True)
         except SocketBusy:
             self.loop.call_later(STANDBY_POLL, self._try_takeover)
             return
         except UserError as e:
-            reason = str(e)
-            self.log.info(reason)
-            self.link.send(STATE, 0, encode_fields({"state": "error", "reason": reason}))
-            self.link.outbox.when_drained(lambda: self.link.close(reason))
+            self._cannot_serve(str(e))
             return
+        self.standby = False
         self.log.info("took over %s: the link that served it has ended" % self.sockpath)
         self.link.send(STATE, 0, encode_fields({"state": "active"}))
 
-    def claim_socket(self):
-        """Bind SOCKPATH, replacing a dead socket but never stealing a live one.
+    def _owner_silent_for(self):
+        """Seconds since the serving proxy last touched the lock file: its heartbeat."""
+        try:
+            st = os.stat(self.lock_path)
+        except OSError:
+            return None
+        return None if st.st_uid != os.getuid() else time.time() - st.st_mtime
 
-        A lock on SOCKPATH.lock, held for the proxy's life, settles races between two
-        proxies; the connect probe catches a live owner that takes no lock.
+    def claim_socket(self, owner_is_silent=False):
+        """Bind SOCKPATH, replacing a dead socket of ours but never stealing a live one.
+
+        A lock on SOCKPATH.lock, held for the proxy's life and touched as a heartbeat,
+        settles races between two proxies; the connect probe catches a live owner that
+        takes no lock. Only a socket that we own is ever removed: a file, a symlink or
+        another user's socket at the path is an error that names it.
         """
         import fcntl
 
-        lock_path = self.sockpath + ".lock"
+        if owner_is_silent:
+            # Its lock goes with it: the silent proxy keeps a lock on a file nobody can open.
+            try:
+                os.unlink(self.lock_path)
+            except OSError:
+                pass
+        lock_fd = open_private(self.lock_path, os.O_RDWR, "lock file")
         try:
-            lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        except OSError as e:
-            raise UserError("cannot open the lock file %s: %s" % (lock_path, e.strerror))
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise SocketBusy("%s is busy: another live rvgahp_proxy serves it" % self.sockpath)
+            self._remove_dead_socket(owner_is_silent)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old_umask = os.umask(0o177)  # born 0600: no window where others may connect
+            try:
+                listener.bind(self.sockpath)
+            except OSError as e:
+                listener.close()
+                raise UserError("cannot create socket %s: %s" % (self.sockpath, e.strerror))
+            finally:
+                os.umask(old_umask)
+        except BaseException:
             os.close(lock_fd)
-            raise SocketBusy("%s is busy: another live rvgahp_proxy serves it" % self.sockpath)
-        if socket_is_live(self.sockpath):
-            os.close(lock_fd)
-            raise SocketBusy("%s is busy: a live process that is not an rvgahp_proxy owns it" % self.sockpath)
+            raise
         self.lock_fd = lock_fd
-        try:
-            os.unlink(self.sockpath)
-            self.log.info("removed the dead socket %s" % self.sockpath)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise UserError("cannot remove the dead socket %s: %s" % (self.sockpath, e.strerror))
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)  # born 0600: no window where others may connect
-        try:
-            listener.bind(self.sockpath)
-        except OSError as e:
-            listener.close()
-            raise UserError("cannot create socket %s: %s" % (self.sockpath, e.strerror))
-        finally:
-            os.umask(old_umask)
         os.chmod(self.sockpath, 0o600)
         listener.listen(128)
         listener.setblocking(False)
         self.listener = listener
         self.bound_inode = os.stat(self.sockpath).st_ino
         self.loop.on_readable(listener.fileno(), self.accept)
+        self._heartbeat()
+
+    def _remove_dead_socket(self, owner_is_silent):
+        try:
+            st = os.lstat(self.sockpath)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise UserError("cannot look at %s: %s" % (self.sockpath, e.strerror))
+        if not stat.S_ISSOCK(st.st_mode):
+            raise UserError(
+                "%s exists and is not a socket (%s); move it away or choose another socket path" % (self.sockpath, file_kind(st.st_mode))
+            )
+        if st.st_uid != os.getuid():
+            raise UserError(
+                "%s is held by uid %d (%s), not by uid %d: another user has taken the path; "
+                "choose a socket in a private directory such as ~/.rvgahp/" % (self.sockpath, st.st_uid, user_name(st.st_uid), os.getuid())
+            )
+        if not owner_is_silent and socket_is_live(self.sockpath):
+            raise SocketBusy("%s is busy: a live process that is not an rvgahp_proxy owns it" % self.sockpath)
+        try:
+            os.unlink(self.sockpath)
+        except OSError as e:
+            raise UserError("cannot remove the old socket %s: %s" % (self.sockpath, e.strerror))
+        self.log.info("removed the %s socket %s" % ("silent proxy's" if owner_is_silent else "dead", self.sockpath))
+
+    def _heartbeat(self):
+        """Touch the lock now and then: a standby proxy takes over from one that stops."""
+        if self.lock_fd is None or self.link.closed:
+            return
+        try:
+            os.utime(self.lock_fd)
+        except OSError:
+            pass
+        self.loop.call_later(max(0.5, min(self.link.ping_interval, self.link.ping_timeout / 3)), self._heartbeat)
 
     def release_socket(self):
         if self.listener is None:
@@ -1888,7 +2633,7 @@ class Proxy:
         self.listener = None
 
     def accept(self):
-        while True:
+        while self.listener is not None:
             try:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -1916,39 +2661,71 @@ class Proxy:
 
     def open_session(self, conn, fields, fds):
         gahp = fields.get("gahp", "")
-        if len(self.link.channels) + len(self.waiting) >= MAX_SESSIONS:
+        if len(self.sessions) >= MAX_SESSIONS:
+            close_fds(fds)
             conn.finish(REFUSE, {"reason": "the proxy already carries %d sessions (the limit)" % MAX_SESSIONS, "by": "proxy"})
-            for fd in fds:
-                close_fd(fd)
             return
         cid = self._new_cid()
         self.sessions_total += 1
-        session = ProxySession(self, cid, conn, gahp, fds[0], fds[1])
+        session = ProxySession(self, cid, conn, gahp, fds[0], fds[1], tunnel_address(fields))
         conn.session = session
-        self.link.channels[cid] = session
+        self.link.channels[cid] = self.sessions[cid] = session
         if self.ready:
             session.send_open()
         else:
             self.waiting.append(session)
 
     def status(self):
-        """What `rvgahp_client --status` shows an admin."""
-        peer = self.link.peer or {}
-        rtt = self.link.rtt
+        """What `rvgahp_client --status` shows an admin: the link as it is now."""
+        now = time.monotonic()
+        link = self.link
+        peer = link.peer or {}
+        heard = now - link.last_heard
+        if self.standby:
+            state = "standby"
+        elif not self.ready:
+            state = "starting"
+        elif heard > link.ping_interval + 1.0:
+            state = "silent"  # pings go unanswered: it may be dying, and must not look "up"
+        else:
+            state = "up"
+        sessions = sorted(self.sessions.values(), key=lambda s: s.cid)
         return {
             "socket": self.sockpath,
-            "proxy": "pid %d on %s, rvgahp %s, up since %s" % (os.getpid(), socket.gethostname(), VERSION, timestamp(self.started)[:19]),
-            "link": "up since %s" % timestamp(self.link_up_at)[:19] if self.link_up_at else "waiting for the server's hello",
-            "server": "pid %s on %s, rvgahp %s" % (peer.get("pid", "?"), peer.get("host", "?"), peer.get("rvgahp", "?")),
-            "ping": "every %g s, dead after %g s, last round trip %s"
-            % (self.link.ping_interval, self.link.ping_timeout, "%.1f ms" % (rtt * 1000) if rtt is not None else "not yet measured"),
-            "sessions": "%d open, %d since the link came up, %d refused"
-            % (len(self.link.channels), self.sessions_total, self.sessions_refused),
+            "proxy": {"pid": os.getpid(), "host": socket.gethostname(), "rvgahp": VERSION, "since": self.started},
+            "link": {
+                "state": state,
+                "up_since": self.link_up_at,
+                "last_heard_s": round(heard, 3),
+                "rtt_ms": None if link.rtt is None else round(link.rtt * 1000, 3),
+                "ping_interval": link.ping_interval,
+                "ping_timeout": link.ping_timeout,
+            },
+            "server": {
+                "pid": peer.get("pid", "?"),
+                "host": peer.get("host", "?"),
+                "rvgahp": peer.get("rvgahp", "?"),
+                "logins_1h": peer_count(peer, "logins_1h"),
+                "failed_logins_1h": peer_count(peer, "failed_logins_1h"),
+            },
+            "sessions": [
+                {
+                    "id": s.cid,
+                    "gahp": s.gahp,
+                    "state": s.state,
+                    "age_s": round(s.age(), 3),
+                    "bytes_to_gahp": s.sent,
+                    "bytes_from_gahp": s.received,
+                    "tunnel_connections": len(s.tunnel_conns),
+                }
+                for s in sessions[:MAX_STATUS_SESSIONS]
+            ],
+            "totals": {"sessions": self.sessions_total, "open": len(sessions), "refused": self.sessions_refused},
         }
 
     def _new_cid(self):
         while True:
-            self.next_cid = self.next_cid % 0xFFFFFFFF + 1
+            self.next_cid = self.next_cid % (TUNNEL_CHANNEL - 1) + 1
             if self.next_cid not in self.link.channels:
                 return self.next_cid
 
@@ -1956,15 +2733,17 @@ class Proxy:
         if fields.get("role") != "server":
             self.link.close("the peer is not an rvgahp_server (it says role=%r)" % fields.get("role"))
             return
-        try:
-            interval = float(fields.get("ping_interval", DEFAULT_PING_INTERVAL))
-            timeout = float(fields.get("ping_timeout", DEFAULT_PING_TIMEOUT))
-        except ValueError:
-            interval, timeout = DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT
-        self.link.set_ping(max(interval, 0.05), max(timeout, 0.1))
+        interval = peer_number(fields, "ping_interval", DEFAULT_PING_INTERVAL, self.log)
+        timeout = peer_number(fields, "ping_timeout", DEFAULT_PING_TIMEOUT, self.log)
+        self.link.set_ping(interval, timeout)
         self.log.info(
             "link up: server pid %s on %s (rvgahp %s)" % (fields.get("pid", "?"), fields.get("host", "?"), fields.get("rvgahp", "?"))
         )
+        if "tunnel" not in self.link.features:
+            self.log.info(
+                "the rvgahp_server (rvgahp %s) has no file-transfer tunnel, so condor_ft-gahp transfers will go direct; "
+                "install this rvgahp.pyz on the cluster too" % fields.get("rvgahp", "?")
+            )
         self.ready = True
         self.link_up_at = time.time()
         waiting, self.waiting = self.waiting, []
@@ -1977,6 +2756,34 @@ class Proxy:
 
     def on_state(self, fields):
         raise ProtocolError("the server sent a STATE frame")
+
+    def on_tunnel(self, cid, payload):
+        """The ft-gahp on the cluster connected to a session's tunnel port: connect on to
+        that session's GridManager address. The server names only the session; the
+        address is the one its client announced, and nothing else is ever dialled."""
+        if not cid & TUNNEL_CHANNEL or cid in self.link.channels:
+            raise ProtocolError("TUNNEL on channel %d, which is not free for one" % cid)
+        fields = decode_fields(payload)
+        session = self.sessions.get(int(fields["session"])) if fields.get("session", "").isdigit() else None
+        reason = None
+        if set(fields) != {"session"}:
+            reason = "the server sent %s; a tunnel goes only to the address its session's client announced" % ", ".join(sorted(fields))
+        elif session is None or session.state != "open":
+            reason = "no open session %s" % fields["session"][:20]
+        elif session.tunnel_to is None:
+            reason = "session %d announced no tunnel address" % session.cid
+        elif len(session.tunnel_conns) >= MAX_TUNNEL_CONNECTIONS:
+            reason = "session %d has %d tunnel connections (the limit)" % (session.cid, MAX_TUNNEL_CONNECTIONS)
+        if reason is not None:
+            self.log.info("tunnel: refused a connection from the server: %s" % reason)
+            self.link.send(CLOSE, cid, encode_fields({"error": reason}))
+            return
+        family, host, port, text = session.tunnel_to
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        conn = TunnelConn(self.link, cid, sock, session, session.tunnel_conns)
+        self.link.channels[cid] = session.tunnel_conns[cid] = conn
+        conn.connect((host, port), text)
 
     def on_noise(self, noise):
         self.log.info("ignored %d bytes before the server's link start" % len(noise))
@@ -2002,6 +2809,9 @@ class Proxy:
     def shutdown(self):
         self.log.info("shutting down (signal)")
         self.link.close("the proxy was told to stop")
+
+
+MAX_STATUS_SESSIONS = 200  # a status reply lists at most this many sessions
 
 
 class SocketBusy(UserError):
@@ -2031,6 +2841,53 @@ def peer_uid(sock):
     return struct.unpack("3i", creds)[1]
 
 
+def user_name(uid):
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return "no name"
+
+
+def file_kind(mode):
+    for test, name in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "an unknown kind of file"
+
+
+def peer_number(fields, key, default, log):
+    """A number from the peer's hello, clamped to LIMITS[key]; a bad one is said and replaced."""
+    raw = fields.get(key)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if value != value:
+        log.info("the server sent %s=%r, which is not a number; using %g" % (key, raw[:40], default))
+        return default
+    clamped = clamp(value, LIMITS[key])
+    if clamped != value:
+        log.info("the server asked for %s=%s; using %g" % (key, raw[:40], clamped))
+    return clamped
+
+
+def peer_count(fields, key):
+    value = fields.get(key, "")
+    return int(value) if value.isdigit() and len(value) < 10 else None
+
+
 def take_stdio_for_link():
     """Move the link off fds 0 and 1, so a stray print can never corrupt it."""
     rfd, wfd = os.dup(0), os.dup(1)
@@ -2049,73 +2906,95 @@ class ClientConn:
         self.loop = proxy.loop
         self.sock = sock
         self.fd = sock.fileno()
-        self.reader = FrameReader()
+        self.reader = FrameReader()  # None once the request is heard
         self.session = None
         self.closed = False
         sock.setblocking(False)
         self.outbox = Outbox(self.loop, self.fd, on_gone=self.gone)
         self.loop.on_readable(self.fd, self._readable)
+        self.deadline = self.loop.call_later(REQUEST_TIMEOUT, self._no_request)
 
     def _readable(self):
+        data, fds = self._receive()
+        if data is None:
+            return
+        if not data:
+            close_fds(fds)
+            self.gone()
+            return
+        if self.reader is None:
+            close_fds(fds)  # nothing but READY is expected now; never leak what a client sends
+            if self.session is not None and data.startswith(READY_FRAME):
+                self.session.client_ready()
+            return
+        try:
+            fields = self._request(data, fds)
+        except ProtocolError as e:
+            close_fds(fds)
+            self.proxy.log.info("refused a client: %s" % e)
+            self.finish(REFUSE, {"reason": "malformed request: %s" % e, "by": "proxy"})
+            return
+        if fields is None:
+            return  # a status request, answered
+        mismatch = protocol_mismatch(fields, self.proxy.sockpath)
+        if mismatch:
+            close_fds(fds)
+            self.proxy.log.info("refused a client: %s" % mismatch)
+            self.finish(REFUSE, {"reason": mismatch, "by": "proxy"})
+            return
+        self.proxy.open_session(self, fields, fds)
+
+    def _receive(self):
+        """(data, fds) from the client; (None, []) when nothing is ready."""
         import array
 
         try:
             data, ancdata, flags, _ = self.sock.recvmsg(READ_SIZE, socket.CMSG_SPACE(2 * 4))
         except (BlockingIOError, InterruptedError):
-            return
+            return None, []
         except OSError as e:
             if e.errno not in GONE:
                 raise
-            data, ancdata, flags = b"", [], 0
+            return b"", []
         fds = []
         for level, kind, blob in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.extend(array.array("i", blob[: len(blob) - len(blob) % 4]))
-        if not data:
-            for fd in fds:
-                close_fd(fd)
-            self.gone()
-            return
-        if self.session is not None or self.reader is None:
-            for fd in fds:  # nothing more is expected from a client; never leak what it sends
-                close_fd(fd)
-            return
-        try:
-            if flags & socket.MSG_CTRUNC or len(fds) > 2:
-                raise ProtocolError("a request with more than two fds")
-            frames = self.reader.feed(data)
-            if not frames and len(self.reader.buf) > MAX_FIELDS + HEADER.size:
+        if flags & socket.MSG_CTRUNC:
+            fds.append(-1)  # more fds than asked for were sent: the request check refuses it
+        return data, fds
+
+    def _request(self, data, fds):
+        """The request's fields, checked; None for a status request (answered here)."""
+        if len(fds) > 2:
+            raise ProtocolError("a request with more than two fds")
+        frames = self.reader.feed(data)
+        if not frames:
+            if self.reader.pending() > MAX_FIELDS + HEADER.size:
                 raise ProtocolError("an overlong request")
-            if not frames:
-                raise ProtocolError("a request split from its fds")
-            kind, _, payload = frames[0]
-            if kind == STATUS:
-                for fd in fds:
-                    close_fd(fd)
-                self.reader = None
-                self.finish(STATUS, self.proxy.status())
-                return
-            if kind != OPEN:
-                raise ProtocolError("frame type %d instead of a request" % kind)
-            fields = decode_fields(payload)
-            check_request(fields)
-            mismatch = protocol_mismatch(fields, self.proxy.sockpath)
-            if len(fds) != 2:
-                raise ProtocolError("a request without its stdin and stdout")
-        except ProtocolError as e:
-            for fd in fds:
-                close_fd(fd)
-            self.proxy.log.info("refused a client: %s" % e)
-            self.finish(REFUSE, {"reason": "malformed request: %s" % e, "by": "proxy"})
-            return
+            raise ProtocolError("a request split from its fds")
         self.reader = None
-        if mismatch:
-            for fd in fds:
-                close_fd(fd)
-            self.proxy.log.info("refused a client: %s" % mismatch)
-            self.finish(REFUSE, {"reason": mismatch, "by": "proxy"})
-            return
-        self.proxy.open_session(self, fields, fds)
+        self.deadline.cancel()
+        kind, _, payload = frames[0]
+        if kind == STATUS:
+            close_fds(fds)
+            self.finish(STATUS, {"json": json_text(self.proxy.status())})
+            return None
+        if kind != OPEN:
+            raise ProtocolError("frame type %d instead of a request" % kind)
+        fields = decode_fields(payload)
+        if not fields.get("gahp"):  # which GAHPs exist is the server's to say; we need a name
+            raise ProtocolError("no GAHP named")
+        if len(fds) != 2:
+            raise ProtocolError("a request without its stdin and stdout")
+        check_handed_fds(fds)
+        tunnel_address(fields)  # raises on a bad one
+        return fields
+
+    def _no_request(self):
+        if self.reader is not None and not self.closed:
+            self.proxy.log.info("closed a client connection that sent no request within %g s" % REQUEST_TIMEOUT)
+            self.close()
 
     def reply(self, kind, fields):
         if not self.closed:
@@ -2146,16 +3025,55 @@ class ClientConn:
         if self.closed:
             return
         self.closed = True
+        self.deadline.cancel()
         self.outbox.detach()
         self.loop.forget(self.fd)
         self.sock.close()
         self.proxy.clients.discard(self)
 
 
-def check_request(fields):
-    # Which GAHPs exist is the server's to say (it has the config); we only need a name.
-    if not fields.get("gahp"):
-        raise ProtocolError("no GAHP named")
+READY_FRAME = frame(READY, 0)
+
+
+def check_handed_fds(fds):
+    """The stdin and stdout a client hands over must be what the loop can relay: a pipe
+    or socket, readable and writable the right way. Anything else is refused here, at
+    the request, before it can upset the loop that every other session shares."""
+    import fcntl
+
+    for fd, name, wrong_mode, wrong_word in ((fds[0], "stdin", os.O_WRONLY, "writing"), (fds[1], "stdout", os.O_RDONLY, "reading")):
+        try:
+            mode = os.fstat(fd).st_mode
+            access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+        except OSError as e:
+            raise ProtocolError("%s cannot be used: %s" % (name, e.strerror))
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+            raise ProtocolError("%s is %s, not a pipe or socket" % (name, file_kind(mode)))
+        if access == wrong_mode:
+            raise ProtocolError("%s is open only for %s" % (name, wrong_word))
+
+
+def tunnel_address(fields):
+    """(family, numeric host, port, text) of the GridManager address a client announced
+    for its ft-gahp's tunnel, or None; a malformed one is a ProtocolError."""
+    if "tunnel_to" not in fields:
+        return None
+    text, host, port = fields["tunnel_to"], fields.get("tunnel_host", ""), fields.get("tunnel_port", "")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        socket.inet_pton(family, host)
+        number = int(port)
+    except (OSError, ValueError):
+        number = 0
+    if not 0 < number < 65536:
+        raise ProtocolError("a bad tunnel address %r" % text[:80])
+    return family, host, number, text
+
+
+def json_text(value):
+    import json
+
+    return json.dumps(value, sort_keys=True)
 
 
 def protocol_mismatch(fields, sockpath):
@@ -2173,22 +3091,43 @@ def protocol_mismatch(fields, sockpath):
 class ProxySession(Channel):
     """A client's session: the GridManager's stdin is the source, its stdout the sink."""
 
-    def __init__(self, proxy, cid, conn, gahp, stdin_fd, stdout_fd):
+    def __init__(self, proxy, cid, conn, gahp, stdin_fd, stdout_fd, tunnel_to):
         Channel.__init__(self, proxy.link, cid, stdin_fd, stdout_fd)
         self.proxy = proxy
         self.conn = conn
         self.gahp = gahp
         self.state = "waiting"
+        self.tunnel_to = tunnel_to  # the GridManager's address for an ft-gahp's tunnel, or None
+        self.tunnel_conns = {}  # cid -> TunnelConn
+
+    def summary(self):
+        return session_summary(self, self.sent, self.received)
 
     def send_open(self):
         self.state = "opening"
-        self.link.send(OPEN, self.cid, encode_fields({"gahp": self.gahp}))
+        fields = {"gahp": self.gahp}
+        if self.tunnel_to is not None and "tunnel" in self.link.features:
+            fields["tunnel"] = "1"
+        self.link.probe()  # a link quiet for a while may be dead: find out in seconds
+        self.link.send(OPEN, self.cid, encode_fields(fields))
 
     def accepted(self, fields):
         self.state = "open"
-        self.log.info("session %d: %s runs as pid %s on the cluster" % (self.cid, self.gahp, fields.get("pid", "?")))
-        self.conn.reply(ACCEPT, fields)
+        reply = dict(fields)
+        if self.tunnel_to is not None and "tunnel" not in self.link.features:
+            reply.update(tunnel="unsupported", tunnel_error="the rvgahp_server (rvgahp %s) has none" % self.link.peer.get("rvgahp", "?"))
+        if reply.get("tunnel") == "on":
+            self.hold_sink()  # until the client has said `Allocated port`: it must come first
+        self.log.info(
+            "session %d: %s runs as pid %s on the cluster%s"
+            % (self.cid, self.gahp, fields.get("pid", "?"), "; tunnel to %s" % self.tunnel_to[3] if reply.get("tunnel") == "on" else "")
+        )
+        self.conn.reply(ACCEPT, reply)
         self.begin_relay()
+
+    def client_ready(self):
+        if self.held is not None:
+            self.release_sink()
 
     def refused(self, fields):
         self.proxy.sessions_refused += 1
@@ -2196,16 +3135,22 @@ class ProxySession(Channel):
         self.conn.finish(REFUSE, fields)
         self.release()
 
+    def release(self):
+        Channel.release(self)
+        self.proxy.sessions.pop(self.cid, None)
+        for conn in list(self.tunnel_conns.values()):
+            conn.abort("its session ended")
+
     def peer_closed(self, fields):
         """The GAHP is done and all its output has arrived: deliver it, then report."""
         if self.link.channels.get(self.cid) is self:
             del self.link.channels[self.cid]
         self.proxy.draining.add(self)
         self.relaying = False
+        if self.held is not None:
+            self.release_sink()
         if not self.source_done:
-            self.source_done = True
-            self.loop.forget(self.source_fd)
-            close_fd(self.source_fd)
+            self._close_source()
 
         def delivered():
             self.end_sink()
@@ -2215,6 +3160,9 @@ class ProxySession(Channel):
             self.proxy.draining.discard(self)
 
         self.sink.when_drained(delivered)
+
+    def failed(self, reason):
+        self.peer_closed({"error": reason})
 
     def client_gone(self):
         self.proxy.draining.discard(self)
@@ -2252,7 +3200,7 @@ CLIENT_USAGE = (
     """\
 usage: rvgahp_client SOCKPATH GAHP_NAME
        rvgahp_client [--rgahp-* ...] [user@host[:port]] --rvgahp-socket SOCKPATH [--] GAHP_NAME
-       rvgahp_client --status SOCKPATH
+       rvgahp_client --status [--json] SOCKPATH
 
 HTCondor's REMOTE_GAHP. Asks the rvgahp_proxy on SOCKPATH for a GAHP on the cluster
 (blahpd, batch_gahp or condor_ft-gahp) and connects it to this process's stdin and
@@ -2261,6 +3209,11 @@ stdout. The other --rgahp-* options of HTCondor's remote_gahp are accepted and i
   --rvgahp-wait SECONDS   how long to wait for a server to be connected
                           (default %g, or $RVGAHP_WAIT)
   --status SOCKPATH       show the state of the link behind SOCKPATH and exit
+                          (--json: as one JSON object, for scripts and doctor)
+
+For condor_ft-gahp with CONDOR_INHERIT set, it prints `Allocated port N for remote
+forward to HOST:PORT` on stderr, as ssh -R would: the ft-gahp's transfers reach the
+GridManager through the link, with no port open but ssh.
 """
     % DEFAULT_CLIENT_WAIT
 )
@@ -2307,6 +3260,10 @@ def parse_client_args(args):
         i += 1
     if gahp.startswith("-"):
         raise UsageError("the last argument must be the GAHP name, not %s" % gahp)
+    if len(gahp) > 200:
+        raise UsageError("the GAHP name is %d characters long; GAHP names are short words such as blahpd" % len(gahp))
+    if not is_gahp_word(gahp):
+        raise UsageError("%s is not a GAHP name: it has spaces, control characters or bytes that are not ASCII" % ascii(gahp))
     sockpath = options.get("--rvgahp-socket") or (positional[0] if positional else "")
     if not sockpath:
         raise UsageError("no socket path; usage: rvgahp_client SOCKPATH GAHP_NAME")
@@ -2320,6 +3277,10 @@ def parse_client_args(args):
     if not 0 <= wait <= 3600:
         raise UsageError("the wait must be 0 to 3600 seconds, not %r" % raw_wait)
     return sockpath, gahp, wait
+
+
+def is_gahp_word(name):
+    return 0 < len(name) <= 200 and all("!" <= c <= "~" for c in name)
 
 
 class Handoff:
@@ -2387,35 +3348,59 @@ class Handoff:
             self.pumps[-1].join(10)
 
 
-def connect_to_proxy(sockpath, deadline, wait):
+def connect_to_proxy(sockpath, deadline, wait, last_reason=None):
+    """A socket connected to our own rvgahp_proxy on sockpath, retried until deadline."""
     check_socket_path(sockpath)
     delay = 0.02
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(max(deadline - time.monotonic(), 1.0))  # a full backlog blocks connect()
+        sock.settimeout(max(deadline - time.monotonic(), 1.0))
         try:
             sock.connect(sockpath)
+            check_proxy_owner(sock, sockpath)
             return sock
-        except socket.timeout:
-            sock.close()
-        except (FileNotFoundError, ConnectionRefusedError):
-            sock.close()
+        except (socket.timeout, FileNotFoundError, ConnectionRefusedError, BlockingIOError, InterruptedError):
+            sock.close()  # no proxy yet, or a busy one whose accept backlog is full: try again
         except PermissionError:
             sock.close()
             raise UserError("cannot connect to %s: permission denied; the socket belongs to another user" % sockpath)
         except OSError as e:
             sock.close()
             raise UserError("cannot connect to %s: %s" % (sockpath, e.strerror or e))
+        except BaseException:
+            sock.close()
+            raise
         left = deadline - time.monotonic()
         if left <= 0:
-            raise UserError(
-                "no rvgahp server is connected to %s (waited %g s); is rvgahp_server running on the cluster?" % (sockpath, wait)
-            )
+            raise no_server_error(sockpath, wait, last_reason)
         time.sleep(min(delay, left))
         delay = min(delay * 2, 0.25)
 
 
-def read_reply(sock, deadline):
+def no_server_error(sockpath, wait, last_reason):
+    if last_reason:
+        return UserError("no rvgahp server is connected to %s (waited %g s); the last link ended: %s" % (sockpath, wait, last_reason))
+    return UserError("no rvgahp server is connected to %s (waited %g s); is rvgahp_server running on the cluster?" % (sockpath, wait))
+
+
+def check_proxy_owner(sock, sockpath):
+    """Refuse a socket served by anyone but us, before a byte or an fd goes to it.
+
+    In a directory that others can write to, such as /tmp, another user can bind the
+    path while our proxy is away; whoever listens would get the GridManager's commands.
+    """
+    uid = peer_uid(sock)
+    owner = os.stat(sockpath).st_uid
+    for who, found in (("served", uid), ("owned", owner)):
+        if found != os.getuid():
+            raise UserError(
+                "%s is %s by uid %d (%s), not by you (uid %d): another user may have taken the path; "
+                "put the socket in a private directory such as ~/.rvgahp/ (see the README)"
+                % (sockpath, who, found, user_name(found), os.getuid())
+            )
+
+
+def read_reply(sock, deadline, limit=MAX_FIELDS):
     """The proxy's next reply as (kind, fields); None if it hung up; raises on timeout.
 
     It reads exactly one frame and not a byte more: what follows an ACCEPT is the
@@ -2425,12 +3410,15 @@ def read_reply(sock, deadline):
     if header is None:
         return None
     kind, _, length = HEADER.unpack(header)
-    if length > MAX_FIELDS:
+    if length > limit:
         raise UserError("the rvgahp proxy sent a %d-byte reply; is something else listening on the socket?" % length)
     payload = recv_exactly(sock, length, deadline)
     if payload is None:
         return None
-    return kind, decode_fields(payload)
+    try:
+        return kind, decode_fields(payload, limit)
+    except ProtocolError as e:
+        raise UserError("the rvgahp proxy sent a reply that makes no sense (%s); is something else listening on the socket?" % e)
 
 
 def recv_exactly(sock, size, deadline):
@@ -2513,11 +3501,18 @@ def run_client(sockpath, gahp, wait):
     """Start a session and return the GAHP's exit status, or raise UserError."""
     import array
 
+    tunnel, no_tunnel_why = None, None
+    if gahp == "condor_ft-gahp":
+        tunnel, no_tunnel_why = gridmanager_address(os.environ.get("CONDOR_INHERIT"))
     handoff = Handoff()
     deadline = time.monotonic() + wait
-    request = frame(OPEN, 0, encode_fields({"gahp": gahp, "rvgahp": VERSION, "protocol": CLIENT_PROTOCOL}))
+    fields = {"gahp": gahp, "rvgahp": VERSION, "protocol": CLIENT_PROTOCOL}
+    if tunnel is not None:
+        fields.update(tunnel_to=tunnel[0], tunnel_host=tunnel[1], tunnel_port=tunnel[2])
+    request = frame(OPEN, 0, encode_fields(fields))
+    last_reason = None
     while True:
-        sock = connect_to_proxy(sockpath, deadline, wait)
+        sock = connect_to_proxy(sockpath, deadline, wait, last_reason)
         try:
             sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", handoff.fds))])
         except OSError:
@@ -2536,11 +3531,12 @@ def run_client(sockpath, gahp, wait):
         if reply is not None and reply[0] != RETRY:
             raise UserError("unexpected reply %s from the rvgahp proxy" % FRAME_NAMES.get(reply[0], reply[0]))
         # The link went down before our GAHP started; a new one may come up in time.
+        last_reason = None if reply is None else reply[1].get("reason")
         if time.monotonic() >= deadline:
-            raise UserError(
-                "no rvgahp server is connected to %s (waited %g s); is rvgahp_server running on the cluster?" % (sockpath, wait)
-            )
+            raise no_server_error(sockpath, wait, last_reason)
         time.sleep(0.05)
+    if gahp == "condor_ft-gahp":
+        announce_tunnel(sock, reply[1], tunnel, no_tunnel_why, sockpath)
     handoff.complete()
     if not handoff.pumps:
         wait_in_shell(sock, gahp, sockpath)
@@ -2551,29 +3547,121 @@ def run_client(sockpath, gahp, wait):
         handoff.finish()
 
 
-def show_status(sockpath):
-    """Ask the proxy how its link is, for an admin at a terminal."""
+def gridmanager_address(inherit):
+    """((text, numeric host, port), None) for the GridManager's address in CONDOR_INHERIT,
+    or (None, why not). The address is inside the first <...>, before any `?`."""
+    if not inherit:
+        return None, "CONDOR_INHERIT is not set, so the GridManager's address is unknown"
+    start = inherit.find("<")
+    end = inherit.find(">", start + 1)
+    text = inherit[start + 1 : end].split("?", 1)[0] if 0 <= start < end else ""
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]:")
+    else:
+        host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None, "cannot find the GridManager's address in CONDOR_INHERIT (%s)" % ascii(inherit[:100])
+    try:
+        address = socket.getaddrinfo(host, int(port), 0, socket.SOCK_STREAM)[0][4]
+    except (OSError, UnicodeError) as e:
+        return None, "cannot resolve the GridManager's host %s from CONDOR_INHERIT: %s" % (ascii(host), getattr(e, "strerror", e))
+    return (text, address[0], int(port)), None
+
+
+def announce_tunnel(sock, accepted, tunnel, no_tunnel_why, sockpath):
+    """Tell the GridManager, as `ssh -R` would, where the ft-gahp reaches it, or why not.
+
+    The Allocated line goes out in one write, and only then does the proxy let the
+    GAHP's banner through (READY): the GridManager must see the line first.
+    """
+    state = accepted.get("tunnel")
+    if tunnel is None:
+        warn("%s; file transfers will go direct to the GridManager, not through the link" % no_tunnel_why)
+    elif state == "on" and accepted.get("tunnel_port", "").isdigit():
+        line = "Allocated port %s for remote forward to %s\n" % (accepted["tunnel_port"], tunnel[0])
+        os.write(2, line.encode("utf-8"))
+        sock.sendall(READY_FRAME)
+    elif state in ("error", "unsupported"):
+        warn("no file-transfer tunnel: %s; transfers will go direct" % accepted.get("tunnel_error", "no reason given"))
+    elif state != "off":
+        warn(
+            "the rvgahp on the other host has no file-transfer tunnel (the rvgahp_proxy on %s is older); transfers will go direct; "
+            "restart the link after upgrading rvgahp.pyz on both hosts" % sockpath
+        )
+
+
+def warn(message):
+    os.write(2, ("rvgahp_client: warning: %s\n" % printable(message)).encode("utf-8", "replace"))
+
+
+def show_status(sockpath, as_json=False):
+    """Ask the proxy how its link is, for an admin at a terminal or a script."""
     check_socket_path(sockpath)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
     try:
         sock.connect(sockpath)
-    except OSError as e:
+        check_proxy_owner(sock, sockpath)
+    except (OSError, socket.timeout) as e:
         sock.close()
         raise UserError(
             "no rvgahp proxy is serving %s (%s): the link is down, or rvgahp_server is not running on the cluster"
-            % (sockpath, e.strerror or e)
+            % (sockpath, getattr(e, "strerror", None) or e)
         )
+    except BaseException:
+        sock.close()
+        raise
     sock.sendall(frame(STATUS, 0))
     try:
-        reply = read_reply(sock, time.monotonic() + 10)
+        reply = read_reply(sock, time.monotonic() + 10, limit=MAX_PAYLOAD)
     except socket.timeout:
         reply = None
     sock.close()
-    if reply is None or reply[0] != STATUS:
-        raise UserError("the rvgahp proxy on %s did not answer a status request" % sockpath)
-    for key, value in reply[1].items():
-        sys.stdout.write("%-9s %s\n" % (key + ":", value))
+    if reply is None or reply[0] != STATUS or "json" not in reply[1]:
+        raise UserError("the rvgahp proxy on %s did not answer a status request (is it older than this client?)" % sockpath)
+    import json
+
+    status = json.loads(reply[1]["json"])
+    sys.stdout.write(json.dumps(status, indent=2, sort_keys=True) + "\n" if as_json else status_report(status))
     return 0
+
+
+def status_report(status):
+    """The status as lines for a person."""
+    proxy, link, server, totals = status["proxy"], status["link"], status["server"], status["totals"]
+    heard = "last heard %.1f s ago" % link["last_heard_s"]
+    if link["state"] == "up":
+        link_line = "up since %s, %s" % (timestamp(link["up_since"])[:19], heard)
+    elif link["state"] == "silent":
+        link_line = "SILENT: %s, past the ping interval (dead after %g s); up since %s" % (
+            heard,
+            link["ping_timeout"],
+            timestamp(link["up_since"])[:19],
+        )
+    else:
+        link_line = link["state"] + ("" if link["state"] == "standby" else ": waiting for the server's hello")
+    logins = "; logins in the last hour: %s, %s failed" % (server["logins_1h"], server["failed_logins_1h"])
+    rtt = "not yet measured" if link["rtt_ms"] is None else "%.1f ms" % link["rtt_ms"]
+    lines = [
+        ("socket", status["socket"]),
+        ("proxy", "pid %s on %s, rvgahp %s, up since %s" % (proxy["pid"], proxy["host"], proxy["rvgahp"], timestamp(proxy["since"])[:19])),
+        ("link", link_line),
+        (
+            "server",
+            "pid %s on %s, rvgahp %s%s"
+            % (server["pid"], server["host"], server["rvgahp"], logins if server["logins_1h"] is not None else ""),
+        ),
+        ("ping", "every %g s, dead after %g s, last round trip %s" % (link["ping_interval"], link["ping_timeout"], rtt)),
+        ("sessions", "%d open, %d since the proxy started, %d refused" % (totals["open"], totals["sessions"], totals["refused"])),
+    ]
+    out = ["%-9s %s\n" % (key + ":", value) for key, value in lines]
+    for s in status["sessions"]:
+        tunnel = ", %d tunnel connections" % s["tunnel_connections"] if s["tunnel_connections"] else ""
+        out.append(
+            "  %-5d %-15s %-8s %8.1f s old, %s to the GAHP, %s from it%s\n"
+            % (s["id"], s["gahp"], s["state"], s["age_s"], human_bytes(s["bytes_to_gahp"]), human_bytes(s["bytes_from_gahp"]), tunnel)
+        )
+    return "".join(out)
 
 
 def client_main(args):
@@ -2584,9 +3672,11 @@ def client_main(args):
         sys.stdout.write("rvgahp_client %s\n" % VERSION)
         return 0
     if args[:1] == ["--status"]:
-        if len(args) != 2:
-            raise UsageError("usage: rvgahp_client --status SOCKPATH")
-        return show_status(args[1])
+        as_json = args[1:2] == ["--json"]
+        rest = args[2:] if as_json else args[1:]
+        if len(rest) != 1:
+            raise UsageError("usage: rvgahp_client --status [--json] SOCKPATH")
+        return show_status(rest[0], as_json)
     sockpath, gahp, wait = parse_client_args(args)
     return run_client(sockpath, gahp, wait)
 
@@ -2612,8 +3702,13 @@ def proxy_main(args):
     log.verbose = opts.verbose
     check_socket_path(opts.sockpath)
     if not opts.no_log_file:
-        log.to_file(opts.log or opts.sockpath + ".log", max_bytes=opts.log_max_size)
         log.echo_fd = 2  # ssh carries stderr back to the server's log
+        try:
+            log.to_file(opts.log or opts.sockpath + ".log", max_bytes=opts.log_max_size)
+        except UserError as e:
+            # Someone else's file or symlink at the log's path must not stop the service.
+            log.echo_fd = None
+            log.info("%s; logging only to the link (the server's log)" % e)
     raise_fd_limit()
     return Proxy(log, opts.sockpath).run()
 
@@ -2645,36 +3740,49 @@ def server_main(args):
     log.verbose = opts.verbose
     layout = Layout(opts.basedir or os.environ.get("BLAHPD_LOCATION") or None, opts.config, opts.transport)
     config = Config.load(layout.config)
-    max_log = config.number("RVGAHP_LOG_MAX_SIZE", 10 * 1000 * 1000, 0)
-    logfile = opts.logfile or (os.path.join(layout.state_dir, "rvgahp_server.log") if opts.detach else None)
+    max_log = config.number("RVGAHP_LOG_MAX_SIZE", 10 * 1000 * 1000, LIMITS["log_max_size"])
+    logfile = opts.logfile or (layout.default_log if opts.detach else None)
     if logfile:
         log.to_file(logfile, max_bytes=int(max_log))
     lock_fd = take_pid_lock(layout.pid_file)
     if lock_fd is None:
         return 0
     if opts.detach:
-        daemonize(log)
-    write_pid(lock_fd)
+        daemonize(log, lambda: write_pid(lock_fd))
+    else:
+        write_pid(lock_fd)
     raise_fd_limit()
     return Server(log, layout, config).run()
 
 
 def take_pid_lock(path):
-    """An exclusive lock held for the server's life; None if another server has it."""
-    import fcntl
+    """An exclusive lock held for the server's life; None if another server has it.
 
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as e:
-        raise UserError("cannot open the pid file %s: %s" % (path, e.strerror))
+    A start that finds one running asks it (SIGUSR1) to try its link at once, so an
+    admin or cron re-running the start command ends a back-off wait.
+    """
+    import fcntl
+    import signal
+
+    fd = open_private(path, os.O_RDWR, "pid file")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        other = os.read(fd, 64).decode("ascii", "replace").strip() or "?"
+        other = os.read(fd, 64).decode("ascii", "replace").strip()
         os.close(fd)
+        nudged = False
+        if other.isdigit():
+            try:
+                os.kill(int(other), signal.SIGUSR1)
+                nudged = True
+            except OSError:
+                pass
         # stdout, not stderr: this is the expected answer to cron's repeated starts,
         # and a crontab can discard it while cron still mails real errors.
-        sys.stdout.write("rvgahp_server: already running (pid %s)\n" % other)
+        sys.stdout.write(
+            "rvgahp_server: already running (pid %s on %s)%s\n"
+            % (other or "?", host_tag(), "; asked it to reconnect now if it was waiting" if nudged else "")
+        )
         return None
     return fd
 
@@ -2685,13 +3793,23 @@ def write_pid(fd):
     os.write(fd, b"%d\n" % os.getpid())
 
 
-def daemonize(log):
-    """Fork, setsid, fork again, chdir /, and point stdio at the log or /dev/null."""
+def daemonize(log, started):
+    """Fork, setsid, fork again, chdir /, and point stdio at the log or /dev/null.
+
+    The starting process exits only once the daemon has run started() (writing its
+    pid), so a start right after it, from cron or a person, always finds that pid.
+    """
+    ready_r, ready_w = os.pipe()
     if os.fork() > 0:
+        os.close(ready_w)
+        os.read(ready_r, 1)  # EOF when the daemon is ready, or if it died first
         os._exit(0)
+    os.close(ready_r)
     os.setsid()
     if os.fork() > 0:
         os._exit(0)
+    started()
+    os.close(ready_w)
     os.chdir("/")
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
@@ -2714,6 +3832,8 @@ USAGE = """\
 usage: rvgahp.pyz server [-d] [-l LOGFILE] [-b BASEDIR]    (on the cluster login node)
        rvgahp.pyz proxy SOCKPATH                            (run by the server's ssh)
        rvgahp.pyz client SOCKPATH GAHP_NAME                 (HTCondor's REMOTE_GAHP)
+       rvgahp.pyz setup USER@CLUSTER                        (on the submit host, once)
+       rvgahp.pyz doctor                                    (on either host)
 
 Symlinked as rvgahp_server, rvgahp_proxy or rvgahp_client, the name picks the role.
 Each role takes --help.
@@ -2737,6 +3857,8 @@ def main(argv=None):
     if role is None:
         if args and args[0] in ROLES:
             role, args = args[0], args[1:]
+        elif args and args[0] in ADMIN_COMMANDS:
+            return run_admin(args)
         elif args == ["--version"]:
             sys.stdout.write("rvgahp %s\n" % VERSION)
             return 0
@@ -2744,19 +3866,45 @@ def main(argv=None):
             (sys.stdout if args in (["--help"], ["-h"]) else sys.stderr).write(USAGE)
             return 0 if args in (["--help"], ["-h"]) else 2
     run = {"server": server_main, "proxy": proxy_main, "client": client_main}[role]
+    return run_reporting("rvgahp_" + role, run, args)
+
+
+def run_reporting(program, run, args):
+    """run(args), with a problem a person can fix said in one line and an exit status."""
     try:
         return run(args)
     except UsageError as e:
-        sys.stderr.write("rvgahp_%s: %s\n" % (role, e))
+        say_error(program, e)
         return 2
     except GahpKilled as e:
-        sys.stderr.write("rvgahp_%s: %s\n" % (role, e))
+        say_error(program, e)
         return e.status
     except UserError as e:
-        sys.stderr.write("rvgahp_%s: %s\n" % (role, e))
+        say_error(program, e)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def say_error(program, error):
+    sys.stderr.write("%s: %s\n" % (program, printable(str(error))))
+
+
+# The admin's tools (setup, doctor, ...) are another program, rvgahp_admin.py, that
+# rvgahp.pyz carries beside this one; the relay itself never needs it.
+ADMIN_COMMANDS = ("setup", "doctor", "print")
+
+
+def run_admin(args):
+    try:
+        import rvgahp_admin
+    except ImportError:
+        say_error("rvgahp", UserError("%s needs rvgahp_admin.py, which rvgahp.pyz carries; run it as rvgahp.pyz %s" % (args[0], args[0])))
+        return 2
+    if args[0] not in rvgahp_admin.COMMANDS:
+        say_error("rvgahp", UsageError("unknown command %s" % args[0]))
+        return 2
+    return run_reporting("rvgahp " + args[0], rvgahp_admin.main, args)
 
 
 if __name__ == "__main__":

@@ -595,6 +595,17 @@ def pids_running(pattern):
     return found
 
 
+def no_tunnel_warning(gahp):
+    """What a client says when an ft-gahp starts without CONDOR_INHERIT (most tests set
+    none): its transfers cannot use the tunnel. Other GAHPs say nothing."""
+    if gahp != "condor_ft-gahp":
+        return ""
+    return (
+        "rvgahp_client: warning: CONDOR_INHERIT is not set, so the GridManager's address is unknown; "
+        "file transfers will go direct to the GridManager, not through the link\n"
+    )
+
+
 if __name__ == "__main__":
     # A quick manual check: python3 tests/harness.py  starts sshd and one session.
     d = Sshd().start()

@@ -7,11 +7,16 @@ a real rvgahp_client process with pipes, as the GridManager starts it.
 
 import os
 import subprocess
+import sys
 import threading
 import time
 
 import harness
 import pytest
+
+sys.path.insert(0, harness.REPO)
+
+import rvgahp
 
 
 def test_gridmanager_starts_blahpd_and_talks_the_gahp_protocol(rig):
@@ -34,7 +39,7 @@ def test_each_gahp_name_runs_its_configured_program(rig, gahp, args):
     assert s.banner().startswith("$GahpVersion")
     # testgahp is both BATCH_GAHP and FT_GAHP here; only the ft-gahp gets -f.
     assert s.command("ARGV") == "S %s/tests/testgahp.py%s" % (harness.REPO, args)
-    assert s.finish() == (0, "")
+    assert s.finish() == (0, harness.no_tunnel_warning(gahp))
 
 
 @pytest.mark.parametrize(
@@ -53,7 +58,7 @@ def test_both_grid_resource_argv_styles_work(rig, style):
     s = rig.session(argv=argv)
     assert s.banner().startswith("$GahpVersion")
     assert s.command("ECHO style") == "S style"
-    assert s.finish() == (0, "")
+    assert s.finish() == (0, harness.no_tunnel_warning(style[-1]))
 
 
 def test_gahp_gets_config_glite_home_clean_fds_and_default_signals(rig):
@@ -76,7 +81,8 @@ def test_gahp_stderr_goes_to_a_log_never_into_the_protocol(rig):
     assert s.command("ECHO after") == "S after"
     status, err = s.finish()
     assert status == 0 and marker not in err
-    with open(os.path.join(rig.dot, "gahp_stderr.log")) as f:
+    # Per host, as login nodes share $HOME: gahp_stderr.HOST.log.
+    with open(os.path.join(rig.dot, "gahp_stderr.%s.log" % rvgahp.host_tag())) as f:
         assert marker in f.read()
 
 
@@ -252,12 +258,15 @@ def test_an_admin_can_ask_for_the_state_of_the_link(rig):
     s.banner()
     result = subprocess.run(rig.flavor.argv("client", "--status", rig.sock), capture_output=True, timeout=30)
     assert result.returncode == 0, result.stderr
-    lines = dict(line.split(":", 1) for line in result.stdout.decode().splitlines())
+    head, sessions = result.stdout.decode().splitlines()[:6], result.stdout.decode().splitlines()[6:]
+    lines = dict(line.split(":", 1) for line in head)
     assert set(lines) == {"socket", "proxy", "link", "server", "ping", "sessions"}
     assert lines["socket"].strip() == rig.sock
     assert lines["link"].strip().startswith("up since ")
+    assert ", last heard " in lines["link"]
     assert "pid %d on " % rig.server.pid in lines["server"]
     assert lines["sessions"].strip().startswith("1 open, ")
+    assert len(sessions) == 1 and " blahpd " in sessions[0] and " to the GAHP, " in sessions[0]
     assert s.finish() == (0, "")
 
 
@@ -270,12 +279,19 @@ def test_status_of_a_socket_nobody_serves_says_so(rig):
 
 def test_a_gahp_that_exits_while_its_reader_is_slow_loses_no_output(rig):
     """Its last output waits behind flow control; the session must not end without it."""
-    size = 3 * 1000 * 1000
+    # More than the channel's window, so the server stops reading, and little enough
+    # more that the GAHP's pipe takes the rest and the GAHP can exit.
+    size = rvgahp.CHANNEL_WINDOW + 16 * 1024
     s = rig.session("blahpd")
     s.banner()
+    gahp = int(s.command("PID")[2:])
     s.send("FLOOD %d" % size)
     s.send("EXIT 0")
-    time.sleep(3)  # longer than the server's wait for a dead GAHP's stdout
+    # The GAHP is gone and reaped (the server's event), and the server's wait for a dead
+    # GAHP's stdout, which starts at that event, has passed: only then does it matter.
+    harness.wait_for(lambda: harness.process_state(gahp) is None, 30, what="the GAHP to exit and be reaped")
+    reaped = time.monotonic()
+    harness.wait_for(lambda: time.monotonic() > reaped + rvgahp.EXIT_LINGER + 0.5, 30, what="the server's linger to pass")
     assert s.readline() == "S"
     assert len(s.read_exactly(size, timeout=60)) == size
     assert s.read_to_eof() == b""

@@ -76,22 +76,33 @@ def test_config_macro_loops_are_reported_with_the_chain():
     assert "/x/condor_config.rvgahp:" in str(e.value)
 
 
+def line_of(text, needle):
+    """The 1-based number of the line of text that holds needle."""
+    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
 def test_config_errors_name_the_file_and_line():
+    text = "A = 1\n\nthis is not a setting\n"
     with pytest.raises(rvgahp.ConfigError) as e:
-        config("A = 1\n\nthis is not a setting\n")
-    assert str(e.value) == "config /x/condor_config.rvgahp:3: expected NAME = value, found 'this is not a setting'"
+        config(text)
+    assert str(e.value) == "config /x/condor_config.rvgahp:%d: expected NAME = value, found 'this is not a setting'" % line_of(
+        text, "this is not"
+    )
+    text = "A = 1\nB = $(A\n"
     with pytest.raises(rvgahp.ConfigError) as e:
-        config("A = 1\nB = $(A\n").get("B")
-    assert str(e.value).startswith("config /x/condor_config.rvgahp:2: unterminated '$(A'")
+        config(text).get("B")
+    assert str(e.value).startswith("config /x/condor_config.rvgahp:%d: unterminated '$(A'" % line_of(text, "B = "))
 
 
 def test_config_numbers_are_checked():
-    c = config("RVGAHP_PING_INTERVAL = 5\nRVGAHP_PING_TIMEOUT = soon\n")
+    text = "RVGAHP_PING_INTERVAL = 5\nRVGAHP_PING_TIMEOUT = soon\n"
+    c = config(text)
     assert c.number("RVGAHP_PING_INTERVAL", 15.0) == 5.0
     assert c.number("RVGAHP_BACKOFF_MAX", 300.0) == 300.0
     with pytest.raises(rvgahp.ConfigError) as e:
         c.number("RVGAHP_PING_TIMEOUT", 45.0)
-    assert "config /x/condor_config.rvgahp:2: RVGAHP_PING_TIMEOUT must be a number" in str(e.value)
+    where = line_of(text, "RVGAHP_PING_TIMEOUT")
+    assert "config /x/condor_config.rvgahp:%d: RVGAHP_PING_TIMEOUT must be a number" % where in str(e.value)
 
 
 def test_a_missing_config_file_is_one_clear_error(tmp_path):
@@ -110,7 +121,32 @@ def test_frames_survive_any_split_of_the_byte_stream():
         reader = rvgahp.FrameReader()
         got = reader.feed(stream[:cut]) + reader.feed(stream[cut:])
         assert got == frames
-        assert reader.buf == bytearray()
+        assert reader.pending() == 0
+
+
+def test_large_payloads_arrive_whole_however_the_reads_cut_them():
+    """A bulk stream: big DATA frames (passed on as views, not copies) among small
+    frames, fed in reads cut at random places. Every payload arrives intact, in order."""
+    import random
+
+    seed = 20261123
+    print("seed", seed)
+    rng = random.Random(seed)
+    frames = []
+    for i in range(60):
+        size = rng.choice((0, 1, 100, rvgahp.FrameReader.VIEW_AT, rvgahp.READ_SIZE))
+        frames.append((rvgahp.DATA, i % 5 + 1, rng.getrandbits(8 * size).to_bytes(size, "big") if size else b""))
+        if i % 7 == 0:
+            frames.append((rvgahp.WINDOW, 3, struct.pack("!I", i)))
+    stream = b"".join(rvgahp.frame(*f) for f in frames)
+    reader = rvgahp.FrameReader()
+    got, at = [], 0
+    while at < len(stream):
+        step = rng.randint(1, 3 * rvgahp.READ_SIZE)
+        got.extend(reader.feed(stream[at : at + step]))
+        at += step
+    assert [(k, c, bytes(p)) for k, c, p in got] == frames
+    assert reader.pending() == 0
 
 
 def test_an_oversized_frame_is_a_protocol_error_not_an_allocation():
@@ -175,18 +211,14 @@ def test_client_argv_mistakes_get_one_clear_message(argv, message):
 
 def test_backoff_is_immediate_after_a_link_that_held(monkeypatch):
     b = rvgahp.Backoff(cap=300)
-    b.attempted(0.0)
-    assert b.next_delay(held_for=rvgahp.LINK_STABLE + 1, now=100.0) == 0.0
+    assert b.next_delay(started=0.0, held_for=rvgahp.LINK_STABLE + 1, now=100.0) == 0.0
 
 
 def test_one_early_drop_reconnects_at_once_but_a_flapping_link_backs_off():
     b = rvgahp.Backoff(cap=300)
-    b.attempted(0.0)
-    assert b.next_delay(held_for=3.0, now=100.0) == 0.0
-    b.attempted(100.0)
-    assert 0.75 <= b.next_delay(held_for=3.0, now=200.0) <= 1.25
-    b.attempted(200.0)
-    assert 1.5 <= b.next_delay(held_for=3.0, now=300.0) <= 2.5
+    assert b.next_delay(started=0.0, held_for=3.0, now=100.0) == 0.0
+    assert 0.75 <= b.next_delay(started=100.0, held_for=3.0, now=200.0) <= 1.25
+    assert 1.5 <= b.next_delay(started=200.0, held_for=3.0, now=300.0) <= 2.5
 
 
 def test_backoff_grows_with_jitter_and_is_capped():
@@ -194,8 +226,7 @@ def test_backoff_grows_with_jitter_and_is_capped():
     now = 0.0
     delays = []
     for _ in range(8):
-        b.attempted(now)
-        d = b.next_delay(held_for=None, now=now)
+        d = b.next_delay(started=now, held_for=None, now=now)
         delays.append(d)
         now += max(d, 61.0)  # far apart, so the per-minute cap does not interfere
     assert 0.75 <= delays[0] <= 1.25
@@ -203,8 +234,7 @@ def test_backoff_grows_with_jitter_and_is_capped():
     assert 3.0 <= delays[2] <= 5.0
     assert all(d <= 20 * 1.25 for d in delays)
     assert delays[-1] >= 20 * 0.75
-    b.attempted(now)
-    assert b.next_delay(held_for=rvgahp.LINK_STABLE, now=now) == 0.0
+    assert b.next_delay(started=now, held_for=rvgahp.LINK_STABLE, now=now) == 0.0
     assert b.failures == 0
 
 
@@ -213,12 +243,25 @@ def test_backoff_never_allows_more_than_a_handful_of_logins_a_minute():
     now = 0.0
     starts = []
     for _ in range(30):
-        b.attempted(now)
         starts.append(now)
-        now += b.next_delay(held_for=None, now=now) + 0.01
+        now += b.next_delay(started=now, held_for=None, now=now) + 0.01
     for t in starts:
         in_window = [s for s in starts if t <= s < t + 60]
         assert len(in_window) <= rvgahp.MAX_LOGINS_PER_MINUTE
+
+
+def test_an_outage_of_any_length_is_retried_every_few_seconds_and_costs_no_logins():
+    """Attempts that never reached sshd (refused, unreachable, no DNS) are the network,
+    not a login: they neither grow the back-off nor count against the login limit."""
+    b = rvgahp.Backoff(cap=300)
+    now = 0.0
+    for _ in range(200):  # 200 failed attempts: about ten minutes of outage
+        delay = b.next_delay(started=now, held_for=None, now=now, reached=False)
+        assert rvgahp.UNREACHED_RETRY * 0.75 <= delay <= rvgahp.UNREACHED_RETRY * 1.25
+        now += delay
+    assert b.failures == 0 and b.logins == []
+    # The network is back and the next attempt is a real login: it is not held back.
+    assert b.next_delay(started=now, held_for=rvgahp.LINK_STABLE, now=now + 60) == 0.0
 
 
 # --------------------------------------------------------------------------- roles
