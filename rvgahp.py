@@ -14,23 +14,29 @@ cluster forbids that, rvgahp turns the direction around:
                                                         blahpd, condor_ft-gahp
 
 Every session is a channel on the one link, so a start costs no ssh login, and with a
-spare GAHP kept ready, no GAHP start-up either.
+spare GAHP kept ready, no GAHP start-up either. The ft-gahp's file transfers travel the
+same link: each TCP connection it makes to its session's port on the cluster's
+127.0.0.1 becomes a channel that the proxy connects on to the GridManager, so the
+cluster needs no way in to the submit host but the link it dialled itself.
 
 One role per process, chosen by the name it runs under (rvgahp_server, rvgahp_proxy,
 rvgahp_client) or by a first-argument subcommand. Standard library only; Python 3.6+.
 
 Where things are, in reading order:
-  constants          limits, timings, the GAHP allow-list
-  logging            Log: the line format, size rotation, reopening on SIGHUP
-  config             Config: HTCondor's syntax, with lazy macro expansion
-  framing            frame types, fields, FrameReader, a session's status line
-  the link           Link: start line, hello, pings, dispatch
-                     Channel: one session's two streams, with credit
-  event-loop pieces  fd helpers, Loop, Outbox, LineReader, spawn, Backoff
+  constants          limits, timings, the ranges numbers are clamped to, the GAHP allow-list
+  logging            Log: the line format, size rotation, reopening on SIGHUP;
+                     printable, open_private (no symlinks, no other uid's files)
+  config             Config: HTCondor's syntax, lazy macro expansion, clamped numbers
+  framing            frame types, features, fields, FrameReader, a session's status line
+  the link           Link: start line, hello, pings and probes, dispatch
+                     Channel: one stream pair (a session or a tunnel connection), with credit
+  event-loop pieces  fd helpers, Poller and Loop, Outbox, LineReader, spawn, Child, Backoff
   the server         Layout, Server, Spare, ServerSession
+  the tunnel         TunnelListener (cluster side), TunnelConn (both sides)
   the proxy          Proxy, ClientConn, ProxySession
-  the client         argv, Handoff, run_client, the waiting shell, --status
-  the command line   each role's main, the pid lock, daemonize, main
+  the client         argv, Handoff, the owner check, run_client, the Allocated line,
+                     the waiting shell, --status
+  the command line   each role's main, the pid lock, daemonize, main, the admin's tools
 """
 
 import errno

@@ -200,7 +200,10 @@ def test_a_broken_config_line_stops_the_server_with_file_and_line(make_rig):
     rig = make_rig(config_extra="BATCH_GAHP /no/equals/sign\n")
     result = run_server(rig)
     assert result.returncode == 1
-    assert one_line(result) == ("rvgahp_server: config %s:7: expected NAME = value, found 'BATCH_GAHP /no/equals/sign'" % rig.config)
+    where = config_line(rig, "BATCH_GAHP /no/equals/sign")
+    assert one_line(result) == (
+        "rvgahp_server: config %s:%d: expected NAME = value, found 'BATCH_GAHP /no/equals/sign'" % (rig.config, where)
+    )
 
 
 def test_a_missing_gahp_binary_is_refused_by_name_and_other_gahps_still_run(make_rig):
@@ -237,7 +240,7 @@ def test_a_config_broken_while_running_refuses_sessions_until_fixed(make_rig):
     with open(rig.config, "a") as f:
         f.write("oops\n")
     line = one_line(rig.run_client("blahpd"))
-    assert line.endswith("refused blahpd: config %s:7: expected NAME = value, found 'oops'" % rig.config)
+    assert line.endswith("refused blahpd: config %s:%d: expected NAME = value, found 'oops'" % (rig.config, config_line(rig, "oops")))
     with open(rig.config, "w") as f:
         f.write(good + "# fixed\n")
     assert_still_serving(rig)
@@ -324,3 +327,9 @@ def test_the_client_waits_for_a_server_that_is_on_its_way(make_rig):
     rig.start_server(wait=False)
     assert client.banner(timeout=30).startswith("$GahpVersion")
     assert client.finish() == (0, "")
+
+
+def config_line(rig, text):
+    """The line number of text in the rig's config, as the error should name it."""
+    with open(rig.config) as f:
+        return [n for n, line in enumerate(f, 1) if line.strip() == text][0]
