@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build rvgahp.pyz: the one file users copy to both hosts and symlink as
-# rvgahp_server, rvgahp_proxy and rvgahp_client. It runs on any Python 3.6+.
+# rvgahp_server, rvgahp_proxy and rvgahp_client. It runs on any Python 3.6+, and
+# `rvgahp.pyz setup USER@CLUSTER` copies it to the cluster by itself.
 #
 #   ./build_zipapp.sh [OUTPUT]        (default: ./rvgahp.pyz)
 #
@@ -20,7 +21,7 @@ fi
 
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
-cp "$here/rvgahp.py" "$stage/"
+cp "$here/rvgahp.py" "$here/rvgahp_admin.py" "$stage/"   # the roles, and setup/doctor
 
 # The shebang is the user's python3, whatever its version; shiv's bootstrap keeps
 # argv[0], so the name a symlink gives still picks the role. --compile-pyc writes the

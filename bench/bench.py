@@ -1,82 +1,77 @@
 #!/usr/bin/env python3
 """Benchmark: reaching a GAHP directly, over plain ssh, and through rvgahp, side by side.
 
-    python3 bench/bench.py [--quick] [--python PATH] [--json FILE] [--no-pyz] [--logs DIR]
+    python3 bench/bench.py [--quick] [--only SECTION,...] [--python PATH] [--old-python PATH]
+                           [--json FILE] [--logs DIR]
 
-One run starts its own sshd on 127.0.0.1 (tests/harness.py) and measures, for each way
-of reaching the test GAHP:
+One run starts its own sshd on 127.0.0.1 (tests/harness.py) and measures, section by
+section, against that one sshd and one GAHP:
 
-    direct        the GAHP spawned locally as a subprocess: the floor
-    plain ssh     `ssh host GAHP` per session, as HTCondor's stock remote_gahp does
-    rvgahp        rvgahp_client -> rvgahp_proxy -> one ssh link -> rvgahp_server -> GAHP,
-                  with rvgahp.py run by --python (default: the interpreter behind python3)
-    rvgahp (pyz)  the same through rvgahp.pyz built by build_zipapp.sh, run by its shebang
-                  (only when shiv is importable; --no-pyz skips it)
+    start       session start back to back: direct (the GAHP spawned locally), plain ssh
+                (`ssh host GAHP`, the stock remote_gahp), and rvgahp as rvgahp.py and as
+                rvgahp.pyz (run by its shebang, as users run it), each under the oldest
+                supported CPython (3.6) and the newest
+    burst       50 sessions started at once; submit-host memory per extra session
+    rtt         the round trip of one small command, over 5 or more sessions: the median of
+                the per-session rvgahp/ssh ratios, and the CPU per round trip that the
+                relaying processes spent (from their own /proc/PID/stat)
+    throughput  download and upload against plain ssh, with the default cipher and with
+                aes128-gcm@openssh.com, and CPU per MB
+    syscalls    syscalls per MB of a bulk transfer for the proxy and the server (strace -c)
+    tunnel      the file-transfer tunnel against `ssh -R` (bench/tunnel.py)
 
-The figures: session start (back to back, and 50 at once), the round trip of one small
-command, throughput each way, and the submit host's memory per extra session. Timings are
-reported, never asserted; the targets table says PASS or MISS. The machine is shared and
-noisy, so medians and p90s are quoted and the modes are interleaved where that is cheap.
-
-Every mode runs the same GAHP: a copy of tests/testgahp.py whose shebang names this
-script's own interpreter, so no mode pays for a `/usr/bin/env` lookup or a pyenv shim
-and all of them run the same Python for the GAHP.
+Timings are printed, never asserted; a targets table at the end says PASS or MISS. The
+machine is shared and noisy: every figure is a median or a ratio within one run, and the
+modes take turns where that is cheap. Run it under `taskset -c 1` to show the work alone.
 """
 
 import argparse
 import contextlib
-import hashlib
 import json
-import math
 import os
 import platform
+import resource
 import selectors
+import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
-import harness  # noqa: E402
+import tunnel
+from benchlib import (
+    MB,
+    REPO,
+    Progress,
+    Strace,
+    ancestors,
+    busy_processes,
+    cpu_flags,
+    cpu_seconds,
+    end_leftovers,
+    exe_of,
+    harness,
+    load_average,
+    python_version,
+    real_python,
+    rvgahp_source,
+    ssh_version,
+    sshd_banner,
+    summary,
+    table,
+)
 
-MB = 1000 * 1000
+SECTIONS = ("start", "burst", "rtt", "throughput", "syscalls", "tunnel")
 BURST = 50  # sessions started at once
 BURST_TIMEOUT = 30.0  # a session with no banner this long after its spawn has failed
 WARMUP_SESSIONS = 2
 RT_WARMUP = 200
-RT_COUNT = 2000
 SETTLE = 0.5  # pause between bursts, so one mode's teardown does not load the next
-STARTED = time.monotonic()
-
-
-def log(message):
-    """Progress goes to stderr; the tables go to stdout."""
-    sys.stderr.write("[bench %6.1f s] %s\n" % (time.monotonic() - STARTED, message))
-    sys.stderr.flush()
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-def percentile(values, q):
-    """Nearest-rank percentile: the smallest value with at least q of the values at or below it."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-
-def summary(values, scale=1.0):
-    return {
-        "n": len(values),
-        "median": statistics.median(values) * scale,
-        "p90": percentile(values, 0.9) * scale,
-        "min": min(values) * scale,
-        "max": max(values) * scale,
-    }
+GCM = "aes128-gcm@openssh.com"
+log = Progress("bench")
 
 
 # --------------------------------------------------------------------------- sessions
@@ -124,26 +119,19 @@ def memory_kb(pid, field):
     return 0
 
 
-def exe_of(pid):
-    try:
-        return os.readlink("/proc/%d/exe" % pid)
-    except OSError:
-        return "?"
-
-
-def python_version(exe):
-    try:
-        out = subprocess.run([exe, "-V"], capture_output=True, text=True, timeout=10)
-        return (out.stdout or out.stderr).split()[-1]
-    except (OSError, IndexError, subprocess.TimeoutExpired):
-        return "?"
+def gahp_pid(session):
+    """The GAHP's own pid, as it says (testgahp's PID command)."""
+    reply = session.command("PID")
+    if not reply.startswith("S "):
+        raise RuntimeError("PID answered %r" % reply)
+    return int(reply.split()[1])
 
 
 # --------------------------------------------------------------------------- the modes
 
 
 class Mode:
-    """One way of reaching the GAHP: how to start a session, and what it costs the submit host."""
+    """One way of reaching the GAHP: how to start a session, and which processes relay it."""
 
     key = name = ""
     env = None
@@ -155,6 +143,14 @@ class Mode:
     def submit_pids(self, sessions):
         """The submit host's processes for these open sessions (shared ones included once)."""
         return [s.proc.pid for s in sessions]
+
+    def relay_pids(self, session, gahp):
+        """{role: [pid]}: the processes between us and the GAHP, whose CPU a message costs."""
+        return {}
+
+    def daemon_pids(self):
+        """Long-lived processes that work for every session (rvgahp's proxy and server)."""
+        return []
 
 
 class Direct(Mode):
@@ -169,15 +165,47 @@ class Direct(Mode):
 
 
 class PlainSsh(Mode):
-    key, name = "ssh", "plain ssh"
     rss_what = "ssh clients"
 
-    def __init__(self, sshd, gahp):
+    def __init__(self, sshd, gahp, key="ssh", name="plain ssh", options=()):
+        self.key, self.name = key, name
         self.sshd = sshd
         self.gahp = gahp
+        self.options = list(options)
 
     def argv(self):
-        return self.sshd.ssh_argv(self.gahp)
+        argv = self.sshd.ssh_argv(self.gahp)
+        argv[1:1] = self.options
+        return argv
+
+    def relay_pids(self, session, gahp):
+        return {"ssh": [session.proc.pid], "sshd": ancestors(gahp, self.sshd.proc.pid)}
+
+
+class BenchRig(harness.Rig):
+    """A rig with rvgahp's default pings, and optionally ssh options for its transport and a
+    directory put first on every role's PATH (where `python3` is the interpreter to test)."""
+
+    def __init__(self, sshd, flavor, gahp, python_dir=None, ssh_options=()):
+        self.python_dir = python_dir
+        self.ssh_options = list(ssh_options)
+        super().__init__(sshd, flavor, gahp=gahp, ping_interval=15, ping_timeout=45)
+
+    def write_transport(self, text=None):
+        if text is None:
+            remote = self.flavor.command_line("proxy", self.sock)
+            if self.python_dir:
+                remote = "PATH=%s:$PATH %s" % (shlex.quote(self.python_dir), remote)
+            argv = self.sshd.ssh_argv(remote)
+            argv[1:1] = self.ssh_options
+            text = "exec " + " ".join(shlex.quote(a) for a in argv) + "\n"
+        super().write_transport(text)
+
+    def env(self, **extra):
+        env = super().env(**extra)
+        if self.python_dir:
+            env["PATH"] = self.python_dir + os.pathsep + env.get("PATH", "")
+        return env
 
 
 class Rvgahp(Mode):
@@ -186,36 +214,51 @@ class Rvgahp(Mode):
     def __init__(self, key, name, rig):
         self.key, self.name = key, name
         self.rig = rig
+        if rig.python_dir:
+            self.env = dict(os.environ, PATH=rig.python_dir + os.pathsep + os.environ.get("PATH", ""))
 
     def argv(self):
         return self.rig.client_argv("blahpd")
 
     def proxy_pids(self):
-        """The rvgahp_proxy serving our socket: a Python process with the socket path in its argv.
-
-        The ssh client of the transport has the same words in its command line, so the
-        match is on the interpreter as well.
-        """
-        found = []
-        for pid in harness.pids_running("rvgahp_proxy"):
-            try:
-                with open("/proc/%d/cmdline" % pid, "rb") as f:
-                    args = f.read().decode(errors="replace").split("\0")
-            except OSError:
-                continue
-            if self.rig.sock in args and os.path.basename(exe_of(pid)).startswith("python"):
-                found.append(pid)
-        return found
+        pid = self.rig.proxy_pid()
+        return [pid] if pid else []
 
     def submit_pids(self, sessions):
         return [s.proc.pid for s in sessions] + self.proxy_pids()
 
+    def daemon_pids(self):
+        return self.proxy_pids() + [self.rig.server.pid]
 
-# --------------------------------------------------------------------------- measurements
+    def relay_pids(self, session, gahp):
+        proxy = self.proxy_pids()
+        transport = self.rig.transport_pid()
+        return {
+            "proxy": proxy,
+            "server": [self.rig.server.pid],
+            "client": [session.proc.pid],
+            "ssh": [transport] if transport else [],
+            "sshd": ancestors(proxy[0], self.rig.sshd.proc.pid) if proxy else [],
+        }
 
 
-def start_once(mode):
-    """Seconds from spawning a session to its banner; the session is closed before returning."""
+# --------------------------------------------------------------------------- session start
+
+
+def child_cpu():
+    """CPU seconds of our children that have been waited for (and their waited-for descendants)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def start_once(mode, cpu=None):
+    """Seconds from spawning a session to its banner; the session is closed before returning.
+
+    With a dict for cpu, it adds the CPU seconds of the process we started (the client, ssh
+    or the GAHP, measured once it has been waited for) and of the mode's daemons.
+    """
+    daemons = mode.daemon_pids()
+    before = child_cpu(), cpu_seconds(daemons)
     session, t0 = open_session(mode)
     try:
         banner = session.banner(timeout=BURST_TIMEOUT)
@@ -226,19 +269,23 @@ def start_once(mode):
         status = close_session(session)
     if status != 0:
         raise RuntimeError("the session exited with status %s" % status)
+    if cpu is not None:
+        cpu.setdefault("started", []).append(child_cpu() - before[0])
+        cpu.setdefault("daemons", []).append(cpu_seconds(daemons) - before[1])
     return elapsed
 
 
 def back_to_back(modes, count):
     """Round robin over the modes, so a noisy stretch of time hits them all alike."""
     samples = {m.key: [] for m in modes}
+    cpu = {m.key: {} for m in modes}
     errors = {}
     for _ in range(count):
         for mode in modes:
             if mode.key in errors:
                 continue
             try:
-                samples[mode.key].append(start_once(mode))
+                samples[mode.key].append(start_once(mode, cpu[mode.key]))
             except Exception as e:
                 errors[mode.key] = "%s: %s" % (type(e).__name__, e)
     results = {}
@@ -247,6 +294,9 @@ def back_to_back(modes, count):
             results[mode.key] = {"error": errors[mode.key], "done": len(samples[mode.key])}
         else:
             results[mode.key] = summary(samples[mode.key], 1000.0)
+            results[mode.key]["cpu_started_ms"] = statistics.median(cpu[mode.key]["started"]) * 1000
+            # The daemons' CPU comes in 10 ms ticks: the mean over all starts, not a median.
+            results[mode.key]["cpu_daemons_ms"] = statistics.mean(cpu[mode.key]["daemons"]) * 1000
     return results
 
 
@@ -403,62 +453,130 @@ def upload(session, nbytes, timeout):
     return nbytes / elapsed / MB
 
 
-def stream_figures(modes, nbytes, repeats):
-    """Round trips, then download, then upload, on one session per mode.
+def roles_cpu(groups):
+    return {role: cpu_seconds(pids) for role, pids in groups.items()}
 
-    The modes take turns (blocks of round trips, one transfer each), so a noisy stretch
-    of time hits them all alike; throughput is the median of `repeats` transfers. A mode
-    whose session fails stops there: its stream is in an unknown state.
+
+def add_cpu(total, before, after):
+    for role in after:
+        total[role] = total.get(role, 0.0) + after[role] - before[role]
+
+
+def rtt_figures(modes, ratio_to, sessions, count, blocks=4):
+    """Round trips on `sessions` fresh sessions per mode, the modes taking turns in blocks.
+
+    Per session and mode: the median round trip. The figure to hold is the median over
+    sessions of rvgahp's median divided by plain ssh's in the same session pair: one
+    session is a coin flip on a 2-vCPU VM. The relaying processes' CPU time is summed over
+    every round trip and divided by their number.
     """
-    sessions = {}
+    per_session = []
+    cpu = {m.key: {} for m in modes}
+    done = {m.key: 0 for m in modes}
+    for i in range(sessions):
+        opened = {}
+        try:
+            for mode in modes:
+                session, _ = open_session(mode)
+                session.banner(timeout=BURST_TIMEOUT)
+                round_trips(session, RT_WARMUP)
+                opened[mode.key] = (session, mode.relay_pids(session, gahp_pid(session)))
+            times = {m.key: [] for m in modes}
+            for _ in range(blocks):
+                for mode in modes:
+                    session, groups = opened[mode.key]
+                    before = roles_cpu(groups)
+                    times[mode.key].extend(round_trips(session, count // blocks))
+                    add_cpu(cpu[mode.key], before, roles_cpu(groups))
+                    done[mode.key] += count // blocks
+        finally:
+            for session, _ in opened.values():
+                close_session(session)
+        medians = {key: statistics.median(values) * 1e6 for key, values in times.items()}
+        per_session.append(medians)
+        log("rtt: session %d of %d: %s" % (i + 1, sessions, ", ".join("%s %.0f us" % (k, v) for k, v in medians.items())))
+    results = {}
+    for mode in modes:
+        values = [s[mode.key] for s in per_session]
+        figures = {"median_us": statistics.median(values), "per_session_us": values, "round_trips": done[mode.key]}
+        figures["cpu_us"] = {role: spent / done[mode.key] * 1e6 for role, spent in cpu[mode.key].items()}
+        if mode.key != ratio_to and ratio_to in per_session[0]:
+            ratios = [s[mode.key] / s[ratio_to] for s in per_session]
+            figures["ratios"] = ratios
+            figures["ratio_median"] = statistics.median(ratios)
+        results[mode.key] = figures
+    return results
+
+
+def throughput_figures(modes, nbytes, repeats):
+    """Download and upload on one session per mode, the modes taking turns; medians of `repeats`.
+
+    The relaying processes' CPU per MB is summed over all the transfers of a direction.
+    """
     figures = {m.key: {} for m in modes}
-    rtts = {m.key: [] for m in modes}
-    rates = {m.key: {"download_mbps": [], "upload_mbps": []} for m in modes}
-    broken = set()
-
-    def turn(figure, run):
-        """run(mode, session) for every mode still working; an error ends that mode."""
+    rates = {m.key: {"download": [], "upload": []} for m in modes}
+    cpu = {m.key: {"download": {}, "upload": {}} for m in modes}
+    opened = {}
+    try:
         for mode in modes:
-            if mode.key in broken:
-                continue
-            try:
-                run(mode, sessions[mode.key])
-            except Exception as e:
-                broken.add(mode.key)
-                figures[mode.key][figure] = {"error": "%s: %s" % (type(e).__name__, e)}
-
+            session, _ = open_session(mode)
+            session.banner(timeout=BURST_TIMEOUT)
+            opened[mode.key] = (session, mode.relay_pids(session, gahp_pid(session)))
+        for direction, run in (("download", download), ("upload", upload)):
+            for r in range(repeats):
+                log("throughput: %s %d of %d, %d MB" % (direction, r + 1, repeats, nbytes // MB))
+                for mode in modes:
+                    if "error" in figures[mode.key]:
+                        continue
+                    session, groups = opened[mode.key]
+                    before = roles_cpu(groups)
+                    try:
+                        rates[mode.key][direction].append(run(session, nbytes, 180))
+                    except Exception as e:
+                        figures[mode.key]["error"] = "%s: %s: %s" % (direction, type(e).__name__, e)
+                        continue
+                    add_cpu(cpu[mode.key][direction], before, roles_cpu(groups))
+    finally:
+        for session, _ in opened.values():
+            close_session(session, timeout=30)
     for mode in modes:
-        sessions[mode.key], _ = open_session(mode)
-    turn("rtt_us", lambda mode, s: (s.banner(timeout=BURST_TIMEOUT), round_trips(s, RT_WARMUP)))
-    blocks = 4
-    for _ in range(blocks):
-        turn("rtt_us", lambda mode, s: rtts[mode.key].extend(round_trips(s, RT_COUNT // blocks)))
-    for _ in range(repeats):
-        turn("download_mbps", lambda mode, s: rates[mode.key]["download_mbps"].append(download(s, nbytes, 120)))
-    for _ in range(repeats):
-        turn("upload_mbps", lambda mode, s: rates[mode.key]["upload_mbps"].append(upload(s, nbytes, 120)))
-
-    for mode in modes:
-        status = close_session(sessions[mode.key], timeout=30)
-        if status != 0:
-            figures[mode.key]["close_status"] = status
-        if mode.key not in broken:
-            figures[mode.key]["rtt_us"] = summary(rtts[mode.key], 1e6)
-            for figure, values in rates[mode.key].items():
-                figures[mode.key][figure] = statistics.median(values)
-                figures[mode.key][figure + "_all"] = values
+        for direction, values in rates[mode.key].items():
+            if values:
+                moved = len(values) * nbytes / MB
+                figures[mode.key][direction + "_mbps"] = statistics.median(values)
+                figures[mode.key][direction + "_all"] = values
+                figures[mode.key][direction + "_cpu_us_per_mb"] = {role: s / moved * 1e6 for role, s in cpu[mode.key][direction].items()}
     return figures
 
 
+def syscall_figures(mode, nbytes):
+    """Syscalls per MB for the proxy and the server during one download and one upload, from `strace -c -f -p`.
+
+    strace slows the processes it watches; the figure is the count, not the time.
+    """
+    if not Strace.available():
+        return {"error": "strace is not installed"}
+    session, _ = open_session(mode)
+    results = {}
+    try:
+        session.banner(timeout=BURST_TIMEOUT)
+        download(session, 4 * MB, 60)  # warm
+        time.sleep(0.3)  # the replacement spare, if any, has started by now
+        watched = {"proxy": mode.proxy_pids()[0], "server": mode.rig.server.pid}
+        for direction, run in (("download", download), ("upload", upload)):
+            with Strace(watched) as tracer:
+                run(session, nbytes, 300)
+            counts = tracer.counts()
+            results[direction] = {
+                role: {"per_mb": c["calls"] / (nbytes / MB), "calls": c["calls"], "top": c["top"]} for role, c in counts.items()
+            }
+    finally:
+        close_session(session)
+    results["mb"] = nbytes / MB
+    return results
+
+
 # --------------------------------------------------------------------------- set-up
-
-
-def real_python(python):
-    """The interpreter a command name really runs (a pyenv shim is a script that execs one)."""
-    out = subprocess.run([python, "-c", "import sys; print(sys.executable)"], capture_output=True, text=True, timeout=30)
-    if out.returncode != 0 or not out.stdout.strip():
-        raise SystemExit("bench: cannot run %s: %s" % (python, out.stderr.strip()))
-    return out.stdout.strip()
 
 
 def write_gahp(directory):
@@ -474,23 +592,30 @@ def write_gahp(directory):
     return path
 
 
-def sshd_version(sshd):
-    with socket.create_connection(("127.0.0.1", sshd.port), timeout=5) as s:
-        return s.recv(256).decode(errors="replace").strip()
+def python_dir(directory, python):
+    """A directory whose `python3` is python: put first on PATH, it is what the pyz's shebang finds."""
+    os.makedirs(directory)
+    os.symlink(python, os.path.join(directory, "python3"))
+    return directory
 
 
-def shiv_available():
-    try:
-        import shiv  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def snapshot(source, directory):
+    """A copy of the repository's top-level scripts (build_zipapp.sh and the modules it packs), with
+    `source` as rvgahp.py, so that edits made during a run cannot mix two versions."""
+    os.makedirs(directory)
+    for name in os.listdir(REPO):
+        if name.endswith((".py", ".sh")) and os.path.isfile(os.path.join(REPO, name)):
+            shutil.copy2(os.path.join(REPO, name), directory)
+    path = os.path.join(directory, "rvgahp.py")
+    shutil.copy2(source, path)
+    return path
 
 
-def build_pyz(directory):
+def build_pyz(rvgahp, directory):
+    """rvgahp.pyz from the snapshot, by build_zipapp.sh (which packs the rvgahp.py beside it)."""
     out = os.path.join(directory, "rvgahp.pyz")
     result = subprocess.run(
-        [os.path.join(REPO, "build_zipapp.sh"), out],
+        [os.path.join(os.path.dirname(rvgahp), "build_zipapp.sh"), out],
         capture_output=True,
         text=True,
         timeout=300,
@@ -501,431 +626,528 @@ def build_pyz(directory):
     return out
 
 
-def role_interpreters(mode):
-    """What each rvgahp role actually runs under, read from /proc of live processes."""
-    session, _ = open_session(mode)
-    try:
-        session.banner(timeout=BURST_TIMEOUT)
-        exes = {
-            "server": exe_of(mode.rig.server.pid),
-            "proxy": ", ".join(exe_of(p) for p in mode.proxy_pids()) or "?",
-            "client": exe_of(session.proc.pid),
-        }
-    finally:
-        close_session(session)
-    return {role: "%s (%s)" % (exe, python_version(exe)) if exe != "?" else exe for role, exe in exes.items()}
+class Setup:
+    """sshd, the GAHP and the rigs, each made when a section first needs it and registered for cleanup."""
 
+    def __init__(self, cleanup, args):
+        self.cleanup = cleanup
+        self.args = args
+        self.work = harness.short_tempdir("bench")
+        cleanup.callback(shutil.rmtree, self.work, ignore_errors=True)
+        self.ours = [self.work]  # temp paths that only our processes name
+        cleanup.callback(lambda: end_leftovers(self.ours))
+        self.gahp = write_gahp(self.work)
+        self.rvgahp = snapshot(args.rvgahp, os.path.join(self.work, "snapshot"))
+        log("starting sshd")
+        self.sshd = harness.Sshd(os.path.join(self.work, "sshd"))
+        os.makedirs(self.sshd.dir)
+        cleanup.callback(self.sshd.stop)
+        self.sshd.start()
+        self.rigs = {}
+        self.failed = {}
+        self.flavors = {}
+        self.pyz = None
+        self.pythons = {"new": real_python(args.python)}
+        if args.old_python:
+            self.pythons["old"] = real_python(args.old_python)
+        self.versions = {k: python_version(v) for k, v in self.pythons.items()}
+        cleanup.callback(close_all_sessions)  # runs first: sessions end before their servers
 
-def median_run_ms(argv, runs=5):
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
+    def flavor(self, kind, which):
+        """rvgahp.py under one of our interpreters, or the pyz (its python3 comes from PATH)."""
+        key = (kind, which if kind == "py" else None)
+        if key not in self.flavors:
+            if kind == "py":
+                flavor = harness.Flavor("rvgahp.py", self.pythons[which], self.rvgahp)
+            else:
+                if self.pyz is None:
+                    log("building rvgahp.pyz")
+                    self.pyz = build_pyz(self.rvgahp, self.work)
+                flavor = harness.Flavor("rvgahp.pyz", None, self.pyz)
+            self.cleanup.callback(shutil.rmtree, flavor.bin, ignore_errors=True)
+            self.ours.append(flavor.bin)
+            self.flavors[key] = flavor
+        return self.flavors[key]
 
-
-def startup_costs(role_python, rv_modes):
-    """What an interpreter start and a client start cost here: the floor under session start."""
-    pythons = {"GAHP Python": sys.executable}
-    if os.path.realpath(role_python) != os.path.realpath(sys.executable):
-        pythons["--python"] = role_python
-    text = {}
-    for label, exe in pythons.items():
-        plain = median_run_ms([exe, "-c", "pass"])
-        bare = median_run_ms([exe, "-I", "-S", "-c", "pass"])
-        text[label] = "`-c pass` %.0f ms, `-I -S -c pass` %.0f ms (the difference is site-packages)" % (plain, bare)
-    for mode in rv_modes:
-        text["%s client" % mode.name] = "`rvgahp_client --version` %.0f ms" % median_run_ms(mode.rig.flavor.argv("client", "--version"))
-    return text
-
-
-def log_findings(path, pid=None):
-    """Lines in an rvgahp log that say something went wrong, and how often the link came up."""
-    notable = (
-        "internal error",
-        "error",
-        "refused",
-        "traceback",
-        "ignored eof",
-        "sigkill",
-        "link down",
-        "link attempt failed",
-        "lost",
-        "overran",
-        "cannot",
-    )
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return {"path": path, "lines": 0, "links_up": 0, "notable": []}
-    found = [line for line in lines if any(word in line.lower() for word in notable)]
-    return {
-        "path": path,
-        "lines": len(lines),
-        "links_up": sum(1 for line in lines if "link up" in line and (pid is None or "[%d]" % pid in line)),
-        "notable_count": len(found),
-        "notable": found[:8],
-    }
-
-
-def reap_strays(markers, timeout=5.0):
-    """After cleanup, end any process still naming one of our temp paths (ours by construction)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        strays = sorted({pid for marker in markers for pid in harness.pids_running(marker)})
-        if not strays or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    for pid in strays:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGTERM)
-    if strays:
-        log("sent SIGTERM to stray processes %s" % strays)
+    def mode(self, kind, which="new", gcm=False):
+        """The rvgahp mode for a flavor and interpreter; its server is started here, once."""
+        key = "%s-%s%s" % (kind, which, "-gcm" if gcm else "")
+        if key in self.failed:
+            raise RuntimeError("%s did not start earlier: %s" % (key, self.failed[key]))
+        if key not in self.rigs:
+            flavor = self.flavor(kind, which)
+            directory = None
+            if kind == "pyz":
+                directory = python_dir(os.path.join(self.work, "python-" + which), self.pythons[which])
+            options = ["-o", "Ciphers=" + GCM] if gcm else []
+            rig = BenchRig(self.sshd, flavor, self.gahp, python_dir=directory, ssh_options=options)
+            self.cleanup.callback(rig.cleanup)
+            self.ours.append(rig.dir)
+            log("starting an rvgahp server: %s under CPython %s%s" % (flavor.name, self.versions[which], ", " + GCM if gcm else ""))
+            try:
+                rig.start_server()
+            except Exception as e:
+                self.failed[key] = "%s: %s" % (type(e).__name__, str(e)[:1000])
+                raise
+            name = "%s %s%s" % (flavor.name, self.versions[which], " gcm" if gcm else "")
+            self.rigs[key] = Rvgahp(key, name, rig)
+            for _ in range(WARMUP_SESSIONS):
+                start_once(self.rigs[key])
+        return self.rigs[key]
 
 
 # --------------------------------------------------------------------------- report
 
-LABEL = 46
-COLUMN = 18
+
+def fmt(value, pattern):
+    return "-" if value is None else pattern % value
 
 
-def cell(value, fmt, baseline=None):
-    if value is None:
-        return "-"
-    if isinstance(value, dict) and "error" in value:
-        return "ERROR"
-    text = fmt % value
-    if baseline:
-        text += " x%.2f" % (value / baseline)
-    return text
+def ratio(value, base):
+    return "-" if value is None or not base else "%.2fx" % (value / base)
 
 
-def table_row(label, cells):
-    return label.ljust(LABEL) + "".join(str(c).rjust(COLUMN) for c in cells)
+def cpu_text(cpu, roles):
+    return " + ".join("%s %.0f" % (r, cpu[r]) for r in roles if r in cpu)
 
 
-def dig(figures, *path):
-    value = figures
-    for key in path:
-        if not isinstance(value, dict) or key not in value:
-            return None
-        value = value[key]
-    return value
+def report_start(results, modes):
+    direct = results.get("direct", {}).get("p90")
+    rows = []
+    for m in modes:
+        r = results[m.key]
+        if "error" in r:
+            rows.append([m.name, "ERROR: " + r["error"][:100]])
+            continue
+        rows.append(
+            [
+                m.name,
+                "%.1f" % r["median"],
+                "%.1f" % r["p90"],
+                "%.1f-%.1f" % (r["min"], r["max"]),
+                fmt(direct and r["p90"] - direct, "%+.1f"),
+                "%.1f" % r["cpu_started_ms"],
+                "%.1f" % r["cpu_daemons_ms"] if m.daemon_pids() else "-",
+            ]
+        )
+    out = table(["mode", "median ms", "p90 ms", "min-max", "p90 - direct p90", "CPU ms: started", "CPU ms: proxy+server"], rows)
+    out += "\n  CPU started: the median CPU time of the process we spawn (client, ssh or GAHP) over its whole life."
+    out += "\n  CPU proxy+server: their mean CPU per start, spare GAHP launches included."
+    return out
 
 
-def report(results, modes, params, env):
-    keys = [m.key for m in modes]
-    out = []
-    out.append("rvgahp benchmark: %s mode, %d back-to-back starts, %d at once, %d round trips, %d MB each way" % params_line(params))
-    out.append("")
-    for name, value in env.items():
-        if isinstance(value, dict):
-            out.append("%s:" % name)
-            width = max(len(k) for k in value)
-            for role, text in value.items():
-                out.append("    %s  %s" % (role.ljust(width), text))
-        else:
-            out.append("%s: %s" % (name, value))
-    out.append("")
-    out.append("(xR) after a figure is its ratio to plain ssh, the stock remote_gahp.")
-    out.append(table_row("", [m.name for m in modes]))
-    out.append("-" * (LABEL + COLUMN * len(modes)))
-
-    def row(label, path, fmt, ratio=True):
-        ssh = dig(results, "ssh", *path) if ratio else None
-        cells = []
-        for key in keys:
-            source = dig(results, key, path[0])
-            if isinstance(source, dict) and "error" in source:
-                cells.append("ERROR")
-                continue
-            value = dig(results, key, *path)
-            cells.append(cell(value, fmt, ssh if (ratio and key != "ssh" and isinstance(value, (int, float))) else None))
-        out.append(table_row(label, cells))
-
-    out.append("session start, back to back (ms)")
-    row("  median", ("start_b2b", "median"), "%.1f")
-    row("  p90", ("start_b2b", "p90"), "%.1f")
-    out.append("session start, %d at once" % params["burst"])
-    row("  failures", ("burst", "failures"), "%d", ratio=False)
-    row("  until all banners (s)", ("burst", "all_banners_s"), "%.2f")
-    row("  per session, median (ms)", ("burst", "per_session_median"), "%.0f")
-    row("  per session, p90 (ms)", ("burst", "per_session_p90"), "%.0f")
-    out.append("round trip, ECHO hello (us)")
-    row("  median", ("rtt_us", "median"), "%.0f")
-    row("  p90", ("rtt_us", "p90"), "%.0f")
-    out.append("throughput, median of %d (MB/s, 1 MB = 10^6 bytes)" % params["repeats"])
-    row("  download, FLOOD %d MB" % (params["bytes"] // MB), ("download_mbps",), "%.0f")
-    row("  upload, SINK %d MB" % (params["bytes"] // MB), ("upload_mbps",), "%.0f")
-    out.append("submit host memory per extra session (MB)")
-    out.append(table_row("  what is weighed", [dig(results, k, "memory", "what") or "-" for k in keys]))
-    row("  VmRSS, (51 open - 1 open) / 50", ("memory", "per_session_mb"), "%.1f")
-    row("  Pss, the same", ("memory", "pss_per_session_mb"), "%.1f")
-    row("  VmRSS total with 1 open", ("memory", "total1_mb"), "%.1f", ratio=False)
-
-    errors = [(k, name, dig(results, k, name)) for k in keys for name in results.get(k, {})]
-    problems = [(k, n, v["error"]) for k, n, v in errors if isinstance(v, dict) and "error" in v]
-    reasons = [(k, r) for k in keys for r in dig(results, k, "burst", "failure_reasons") or []]
-    if problems or reasons:
-        out.append("")
-        out.append("errors and failures:")
-        for key, name, text in problems:
-            out.append("  %s, %s: %s" % (key, name, text))
-        for key, text in reasons:
-            out.append("  %s, burst: %s" % (key, text))
-
-    out.append("")
-    out.append(targets_table(results, [m for m in modes if isinstance(m, Rvgahp)]))
-    return "\n".join(out)
+def report_burst(results, modes):
+    rows = []
+    for m in modes:
+        b, mem = results[m.key].get("burst", {}), results[m.key].get("memory", {})
+        if "error" in b:
+            rows.append([m.name, "ERROR: " + b["error"][:80]])
+            continue
+        rows.append(
+            [
+                m.name,
+                str(b["failures"]),
+                fmt(b.get("all_banners_s"), "%.2f"),
+                fmt(b.get("per_session_median"), "%.0f"),
+                fmt(b.get("per_session_p90"), "%.0f"),
+                fmt(mem.get("per_session_mb"), "%.1f"),
+                fmt(mem.get("pss_per_session_mb"), "%.1f"),
+                mem.get("what", ""),
+            ]
+        )
+    out = table(["mode", "failures", "all banners s", "median ms", "p90 ms", "VmRSS MB/session", "Pss MB/session", "weighed"], rows)
+    reasons = [(m.name, r) for m in modes for r in results[m.key].get("burst", {}).get("failure_reasons", [])]
+    return out + "".join("\n  %s: %s" % pair for pair in reasons)
 
 
-def params_line(params):
-    return (params["mode"], params["sessions"], params["burst"], params["round_trips"], params["bytes"] // MB)
+def report_rtt(results, modes, sessions, count):
+    rows = []
+    for m in modes:
+        r = results[m.key]
+        relay = r["cpu_us"]
+        main = sum(relay.get(k, 0.0) for k in ("proxy", "server"))
+        rows.append(
+            [
+                m.name,
+                "%.0f" % r["median_us"],
+                fmt(r.get("ratio_median"), "%.2fx"),
+                " ".join("%.2f" % x for x in r.get("ratios", [])) or "-",
+                "%.0f" % main if "proxy" in relay else "-",
+                cpu_text(relay, ("client", "proxy", "server", "ssh", "sshd")) or "-",
+            ]
+        )
+    out = table(
+        ["mode", "median us", "ratio to ssh", "per-session ratios", "CPU us: proxy+server", "CPU us per round trip, by process"], rows
+    )
+    out += "\n  %d sessions per mode, %d round trips each (after %d to warm up), the modes taking turns in blocks." % (
+        sessions,
+        count,
+        RT_WARMUP,
+    )
+    out += "\n  The ratio is the median over sessions of rvgahp/ssh within one session pair: a single session is a"
+    out += "\n  coin flip on a 2-vCPU VM. CPU is utime+stime from /proc/PID/stat (10 ms ticks), over all round trips."
+    return out
 
 
-def evaluate_targets(results, key):
-    """[(target, figure text, PASS/MISS/n/a)] for one rvgahp column."""
+def report_throughput(results, modes, ratio_to):
+    rows = []
+    base = results.get(ratio_to, {})
+    for m in modes:
+        r = results[m.key]
+        if "error" in r and "download_mbps" not in r:
+            rows.append([m.name, "ERROR: " + r["error"][:80]])
+            continue
+        cells = [m.name]
+        for d in ("download", "upload"):
+            cells += [fmt(r.get(d + "_mbps"), "%.0f"), ratio(r.get(d + "_mbps"), base.get(d + "_mbps"))]
+        for d in ("download", "upload"):
+            cpu = r.get(d + "_cpu_us_per_mb", {})
+            cells.append("%.0f" % sum(cpu.values()) if cpu else "-")
+        rows.append(cells)
+    out = table(["mode", "down MB/s", "x ssh", "up MB/s", "x ssh", "down CPU us/MB", "up CPU us/MB"], rows)
+    out += "\n  CPU us/MB: every relaying process (ssh, sshd; for rvgahp also client, proxy, server), not the GAHP."
+    for m in modes:
+        for d in ("download", "upload"):
+            cpu = results[m.key].get(d + "_cpu_us_per_mb")
+            if cpu and len(cpu) > 2:
+                out += "\n  %s %s: %s" % (m.name, d, cpu_text(cpu, ("client", "proxy", "server", "ssh", "sshd")))
+    return out
 
-    def get(*path):
-        value = dig(results, *path)
-        return value if isinstance(value, (int, float)) else None
 
+def report_syscalls(results):
+    if "error" in results:
+        return "  " + results["error"]
+    rows = []
+    for d in ("download", "upload"):
+        for role, c in results[d].items():
+            reads = dict(c["top"]).get("read")
+            rows.append(
+                [
+                    d,
+                    role,
+                    "%.0f" % c["per_mb"],
+                    fmt(reads and c["calls"] / reads, "%.1f"),
+                    fmt(reads and results["mb"] * MB / reads / 1024, "%.0f"),
+                    ", ".join("%s %d" % t for t in c["top"]),
+                ]
+            )
+    out = table(["transfer", "process", "syscalls/MB", "per read", "KiB per read", "most called"], rows)
+    out += "\n  %d MB each way under strace -c -f -p. per read: all syscalls / read calls, about the syscalls per frame." % results["mb"]
+    out += "\n  The download's count follows how the GAHP writes: the test GAHP's FLOOD writes 1 KiB lines, so each"
+    out += "\n  read takes what has piled up; strace slows the watched processes, so compare runs made this way only."
+    return out
+
+
+def report_tunnel(results):
+    p = results["params"]
+    keys = [k for k in (tunnel.SshForward.key, tunnel.RvgahpForward.key) if k in results]
+    base = results.get(tunnel.SshForward.key, {})
+    rows = []
+    for name, label in (
+        ("down_1", "1 stream, download"),
+        ("up_1", "1 stream, upload"),
+        ("down_%d" % p["parallel"], "%d streams, download" % p["parallel"]),
+        ("up_%d" % p["parallel"], "%d streams, upload" % p["parallel"]),
+    ):
+        row = [label + " (MB/s)"]
+        for k in keys:
+            value = results[k].get(name + "_mbps")
+            row.append(fmt(value, "%.0f") + ("" if k == "ssh_r" or value is None else " (%s)" % ratio(value, base.get(name + "_mbps"))))
+            cpu = results[k].get(name + "_cpu_us_per_mb")
+            row.append("%.0f" % sum(cpu.values()) if cpu else "-")
+        rows.append(row)
+    row = ["new connection to the endpoint's answer (ms)"]
+    for k in keys:
+        s = results[k].get("setup_ms")
+        row.append(
+            "-"
+            if not s
+            else "%.2f / %.2f" % (s["median"], s["p90"])
+            + ("" if k == "ssh_r" else " (%s)" % ratio(s["median"], base.get("setup_ms", {}).get("median")))
+        )
+        cpu = results[k].get("setup_cpu_us")
+        row.append("%.0f us/conn" % sum(cpu.values()) if cpu else "-")
+    rows.append(row)
+    headers = ["figure"]
+    for k in keys:
+        headers += [results[k]["name"], "CPU us/MB"]
+    out = table(headers, rows)
+    out += "\n  MB/s: median of %d, %d MB per stream each way; setup: median / p90 of %d connections." % (
+        p["repeats"],
+        p["mb"],
+        p["connections"],
+    )
+    out += "\n  CPU: the relaying processes (ssh -R: ssh and sshd; rvgahp: proxy, server, transport ssh, sshd)."
+    for k in keys:
+        for name in ("down_1", "up_1", "down_%d" % p["parallel"], "up_%d" % p["parallel"]):
+            cpu = results[k].get(name + "_cpu_us_per_mb")
+            if cpu:
+                out += "\n  %s, %s, CPU us/MB: %s" % (results[k]["name"], name, cpu_text(cpu, ("proxy", "server", "ssh", "sshd")))
+        cpu = results[k].get("setup_cpu_us")
+        if cpu:
+            out += "\n  %s, CPU us per new connection: %s" % (results[k]["name"], cpu_text(cpu, ("proxy", "server", "ssh", "sshd")))
+    for k in keys:
+        if "error" in results[k]:
+            out += "\n  %s: %s" % (results[k]["name"], results[k]["error"])
+    return out
+
+
+def targets(results):
+    """Lines of target, figure vs limit, and PASS, MISS or n/a (no figure)."""
     rows = []
 
-    def judge(name, figure, limit, ok, fmt):
+    def judge(name, figure, limit, pattern, at_most=True):
         if figure is None or limit is None:
             rows.append((name, "n/a", "n/a"))
         else:
-            rows.append((name, fmt % (figure, limit), "PASS" if ok(figure, limit) else "MISS"))
+            ok = figure <= limit if at_most else figure >= limit
+            rows.append((name, pattern % (figure, limit), "PASS" if ok else "MISS"))
 
-    direct_p90 = get("direct", "start_b2b", "p90")
-    judge(
-        "session start p90 <= direct p90 + 20 ms",
-        get(key, "start_b2b", "p90"),
-        None if direct_p90 is None else direct_p90 + 20,
-        lambda f, lim: f <= lim,
-        "%.1f vs %.1f ms",
-    )
-    failures = get(key, "burst", "failures")
-    judge("%d simultaneous starts, 0 failures" % BURST, failures, 0, lambda f, lim: f == lim, "%d failed (want %d)")
-    ssh_rtt = get("ssh", "rtt_us", "median")
-    judge(
-        "round trip median <= 1.3x plain ssh",
-        get(key, "rtt_us", "median"),
-        None if ssh_rtt is None else 1.3 * ssh_rtt,
-        lambda f, lim: f <= lim,
-        "%.0f vs %.0f us",
-    )
-    for direction in ("download", "upload"):
-        ssh_rate = get("ssh", direction + "_mbps")
-        judge(
-            "%s >= 0.8x plain ssh" % direction,
-            get(key, direction + "_mbps"),
-            None if ssh_rate is None else 0.8 * ssh_rate,
-            lambda f, lim: f >= lim,
-            "%.0f vs %.0f MB/s",
-        )
-    judge(
-        "<= 15 MB VmRSS per extra session",
-        get(key, "memory", "per_session_mb"),
-        15.0,
-        lambda f, lim: f <= lim,
-        "%.1f vs %.0f MB",
-    )
-    return rows
+    def share(value, ref):
+        return value / ref if value is not None and ref else None
 
-
-def targets_table(results, rv_modes):
-    label, width = 40, 32
-    lines = ["target".ljust(label) + "".join(("%s: figure vs limit" % m.name).rjust(width) for m in rv_modes)]
-    lines.append("-" * (label + width * len(rv_modes)))
-    per_mode = [results[m.key]["targets"] for m in rv_modes]
-    for i, row in enumerate(per_mode[0] if per_mode else []):
-        cells = "".join(("%s  %s" % (rows[i]["figure"], rows[i]["verdict"].ljust(4))).rjust(width) for rows in per_mode)
-        lines.append(row["target"].ljust(label) + cells)
-    return "\n".join(lines)
+    start = results.get("start", {})
+    direct = start.get("direct", {}).get("p90")
+    for key, r in start.items():
+        if key not in ("direct", "ssh"):
+            judge("start p90 <= direct p90: %s" % r.get("name", key), r.get("p90"), direct, "%.1f vs %.1f ms")
+    for key, r in results.get("burst", {}).items():
+        if key not in ("direct", "ssh"):
+            name = r.get("name", key)
+            judge("%d at once, failures: %s" % (BURST, name), r.get("burst", {}).get("failures"), 0, "%d vs %d")
+            judge("VmRSS per extra session: %s" % name, r.get("memory", {}).get("per_session_mb"), 15.0, "%.1f vs %.0f MB")
+    for key, r in results.get("rtt", {}).items():
+        if key.startswith(("py-", "pyz-")) and "ratio_median" in r:
+            judge("round trip / ssh, median of sessions", r["ratio_median"], 1.15, "%.2fx vs %.2fx")
+            cpu = r["cpu_us"]
+            judge("CPU per round trip, proxy + server", cpu.get("proxy", 0) + cpu.get("server", 0), 70, "%.0f vs %d us")
+    tp = results.get("throughput", {})
+    for key, r in tp.items():
+        if not key.startswith(("py-", "pyz-")):
+            continue
+        gcm = key.endswith("-gcm")
+        for d in ("download", "upload"):
+            value = r.get(d + "_mbps")
+            ref = tp.get("ssh-gcm" if gcm else "ssh", {}).get(d + "_mbps")
+            judge("%s / ssh%s" % (d, ", both gcm" if gcm else ""), share(value, ref), 1.0, "%.2fx vs %.1fx", at_most=False)
+            if gcm:
+                ref = tp.get("ssh", {}).get(d + "_mbps")
+                judge("%s, rvgahp gcm / ssh default" % d, share(value, ref), 1.0, "%.2fx vs %.1fx", at_most=False)
+    tn = results.get("tunnel", {})
+    if "params" in tn:
+        ssh_r, rv = tn.get("ssh_r", {}), tn.get("rvgahp", {})
+        for name in ("down_1", "up_1", "down_%d" % tn["params"]["parallel"], "up_%d" % tn["params"]["parallel"]):
+            figure = share(rv.get(name + "_mbps"), ssh_r.get(name + "_mbps"))
+            judge("tunnel %s / ssh -R" % name, figure, 0.9, "%.2fx vs %.1fx", at_most=False)
+        value, ref = (rv.get("setup_ms") or {}).get("median"), (ssh_r.get("setup_ms") or {}).get("median")
+        judge("tunnel connection setup vs ssh -R, median", value, ref, "%.2f vs %.2f ms")
+    width = max([len(r[0]) for r in rows] + [10])
+    return "\n".join("%s  %s  %s" % (name.ljust(width), figure.rjust(18), verdict) for name, figure, verdict in rows)
 
 
 # --------------------------------------------------------------------------- main
 
 
 def parse_args(argv):
+    found = harness.find_interpreters()
+    newest = found[max(found, key=lambda v: int(v.split(".")[1]))] if found else "python3"
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer sessions and 50 MB instead of 200 MB (about a minute)")
-    parser.add_argument("--python", default="python3", help="the interpreter that runs rvgahp.py's roles (default: python3)")
+    parser.add_argument("--quick", action="store_true", help="fewer sessions and smaller transfers (about 3 minutes for all)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: %s (default: all)" % ",".join(SECTIONS))
+    parser.add_argument("--python", default=newest, help="the newest CPython, for rvgahp's roles in every section (default: %s)" % newest)
+    parser.add_argument(
+        "--old-python", default=found.get("3.6"), help="the oldest CPython, for session start (default: %s)" % found.get("3.6")
+    )
+    parser.add_argument("--sessions", type=int, help="round-trip sessions per mode (default 7, --quick 5)")
+    parser.add_argument("--tunnel-mb", type=int, help="MB per tunnel stream each way (default 256, --quick 64)")
+    parser.add_argument("--rvgahp", default=harness.RVGAHP, help="the rvgahp.py to measure (default: the working tree's)")
     parser.add_argument("--json", metavar="FILE", help="also save the figures here")
-    parser.add_argument("--no-pyz", action="store_true", help="skip the rvgahp.pyz column")
-    parser.add_argument("--logs", metavar="DIR", help="copy the server, proxy, GAHP and sshd logs here before cleaning up")
-    return parser.parse_args(argv)
+    parser.add_argument("--logs", metavar="DIR", help="copy the server, proxy and sshd logs here before cleaning up")
+    args = parser.parse_args(argv)
+    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(args.only) - set(SECTIONS))
+    if unknown:
+        parser.error("unknown section(s) %s; pick from %s" % (", ".join(unknown), ", ".join(SECTIONS)))
+    return args
 
 
-def set_up(cleanup, args):
-    """sshd, the rigs and the modes, each registered with cleanup as soon as it exists."""
-    work = harness.short_tempdir("bench")
-    cleanup.callback(shutil.rmtree, work, ignore_errors=True)
-    ours = [work]  # temp paths that only our processes name
-    cleanup.callback(reap_strays, ours)
+def header(setup, args):
+    flags = cpu_flags()
+    lines = [
+        "rvgahp benchmark (%s): %s" % ("quick" if args.quick else "full", ", ".join(args.only)),
+        "machine:       %s, %d CPUs, Linux %s; CPU has AES instructions: %s"
+        % (platform.node(), os.cpu_count() or 0, platform.release(), "yes" if "aes" in flags else "no"),
+        "load average:  %s" % load_average(),
+        "busy now:      %s" % busy_processes(exclude=(os.getpid(),)),
+        "rvgahp.py:     %s, copied at start from %s" % (rvgahp_source(setup.rvgahp), args.rvgahp),
+        "sshd:          %s; client %s" % (sshd_banner(setup.sshd.port), ssh_version()),
+        "GAHP + bench:  %s (%s)" % (sys.executable, platform.python_version()),
+        "roles under:   %s" % ", ".join("%s (%s)" % (setup.pythons[k], setup.versions[k]) for k in setup.pythons),
+        "The machine is shared: figures are medians and ratios within this run, not across runs.",
+    ]
+    return "\n".join(lines)
 
-    python = real_python(args.python)
-    gahp = write_gahp(work)
-    log("starting sshd")
-    sshd = harness.Sshd(os.path.join(work, "sshd"))
-    os.makedirs(sshd.dir)
-    cleanup.callback(sshd.stop)
-    sshd.start()
 
-    modes = [Direct(gahp), PlainSsh(sshd, gahp)]
-    flavors = [harness.Flavor("rvgahp.py", python, harness.RVGAHP)]
-    if not args.no_pyz and shiv_available():
-        log("building rvgahp.pyz")
+def section(title, text):
+    print("\n== %s\n%s" % (title, text))
+    sys.stdout.flush()
+
+
+def run(setup, args, results):
+    quick = args.quick
+    direct = Direct(setup.gahp)
+    ssh = PlainSsh(setup.sshd, setup.gahp)
+    for _ in range(WARMUP_SESSIONS):
+        start_once(direct)
+        start_once(ssh)
+
+    def section_start():
+        modes = [direct, ssh]
+        for which in ("old", "new"):
+            if which in setup.pythons:
+                modes += [setup.mode("py", which), setup.mode("pyz", which)]
+        count = 10 if quick else 40
+        log("session start, back to back: %d rounds over %d modes" % (count, len(modes)))
+        figures = back_to_back(modes, count)
+        for m in modes:
+            figures[m.key]["name"] = m.name
+        results["start"] = figures
+        section("session start, back to back, %d each, the modes taking turns" % count, report_start(figures, modes))
+        for m in modes[2:]:
+            print("  %s roles: %s" % (m.name, role_interpreters(m)))
+        print("  the floor, median of 5 runs (wall ms / CPU ms):")
+        for which, python in setup.pythons.items():
+            print(
+                "    CPython %s: `-c pass` %s, `-I -S -c pass` %s"
+                % (setup.versions[which], run_cost([python, "-c", "pass"]), run_cost([python, "-I", "-S", "-c", "pass"]))
+            )
+        for m in modes[2:]:
+            print("    %s: `rvgahp_client --version` %s" % (m.name, run_cost(m.rig.flavor.argv("client", "--version"), m.env)))
+
+    def section_burst():
+        modes = [direct, ssh, setup.mode("py"), setup.mode("pyz")]
+        figures = {}
+        for mode in modes:
+            log("%s: %d sessions at once" % (mode.name, BURST))
+            try:
+                b, mem = burst(mode, BURST)
+                figures[mode.key] = {"burst": b, "memory": mem, "name": mode.name}
+            except Exception as e:
+                figures[mode.key] = {"burst": {"error": "%s: %s" % (type(e).__name__, e)}}
+            close_all_sessions()
+            time.sleep(SETTLE)
+        results["burst"] = figures
+        section("%d sessions started at once (one already open); memory per extra session" % BURST, report_burst(figures, modes))
+
+    def section_rtt():
+        modes = [direct, ssh, setup.mode("py")]
+        sessions = args.sessions or (5 if quick else 7)
+        count = 1000 if quick else 2000
+        log("round trips: %d sessions per mode, %d each" % (sessions, count))
+        results["rtt"] = rtt_figures(modes, "ssh", sessions, count)
+        section("round trip, ECHO hello -> S hello", report_rtt(results["rtt"], modes, sessions, count))
+
+    def section_throughput():
+        ssh_gcm = PlainSsh(setup.sshd, setup.gahp, "ssh-gcm", "plain ssh gcm", ["-o", "Ciphers=" + GCM])
+        modes = [direct, ssh, ssh_gcm, setup.mode("py"), setup.mode("py", gcm=True)]
+        nbytes = (50 if quick else 200) * MB
+        repeats = 3 if quick else 5
+        results["throughput"] = throughput_figures(modes, nbytes, repeats)
+        section(
+            "throughput, FLOOD/SINK %d MB, median of %d (1 MB = 10^6 bytes); gcm = ssh -o Ciphers=%s" % (nbytes // MB, repeats, GCM),
+            report_throughput(results["throughput"], modes, "ssh"),
+        )
+
+    def section_syscalls():
+        nbytes = (16 if quick else 64) * MB
+        log("syscalls: strace -c on the proxy and the server, %d MB each way" % (nbytes // MB))
+        results["syscalls"] = syscall_figures(setup.mode("py"), nbytes)
+        section("syscalls per MB of a bulk transfer (%s)" % setup.mode("py").name, report_syscalls(results["syscalls"]))
+
+    def section_tunnel():
+        mb = args.tunnel_mb or (64 if quick else 256)
+        results["tunnel"] = tunnel.measure(
+            setup.sshd, setup.mode("py").rig, setup.rvgahp, log, nbytes=mb * MB, repeats=3, connections=100 if quick else 300
+        )
+        section("file-transfer tunnel: rvgahp vs ssh -R, same sshd, same endpoint", report_tunnel(results["tunnel"]))
+
+    sections = {
+        "start": section_start,
+        "burst": section_burst,
+        "rtt": section_rtt,
+        "throughput": section_throughput,
+        "syscalls": section_syscalls,
+        "tunnel": section_tunnel,
+    }
+    for name in SECTIONS:
+        if name not in args.only:
+            continue
         try:
-            flavors.append(harness.Flavor("rvgahp.pyz", None, build_pyz(work)))
-        except (RuntimeError, subprocess.TimeoutExpired) as e:
-            log("no pyz column: %s" % e)
-    for flavor in flavors:
-        cleanup.callback(shutil.rmtree, flavor.bin, ignore_errors=True)
-    rigs = []
-    for flavor in flavors:
-        # rvgahp's default ping settings, not the tests' fast ones.
-        rig = harness.Rig(sshd, flavor, gahp=gahp, ping_interval=15, ping_timeout=45)
-        cleanup.callback(rig.cleanup)
-        ours.append(rig.dir)
-        rig.start_server()
-        rigs.append(rig)
-        key, name = ("rvgahp", "rvgahp") if flavor.python else ("pyz", "rvgahp (pyz)")
-        modes.append(Rvgahp(key, name, rig))
-    if args.logs:
-        cleanup.callback(copy_logs, args.logs, sshd, rigs)
-    cleanup.callback(close_all_sessions)  # runs first: sessions end before their servers
-    return sshd, modes
-
-
-def measure(modes, params):
-    results = {m.key: {} for m in modes}
-    log("session start, back to back: %d rounds over %d modes" % (params["sessions"], len(modes)))
-    for key, figures in back_to_back(modes, params["sessions"]).items():
-        results[key]["start_b2b"] = figures
-    for mode in modes:
-        log("%s: %d sessions at once" % (mode.name, BURST))
-        try:
-            results[mode.key]["burst"], results[mode.key]["memory"] = burst(mode, BURST)
+            sections[name]()
         except Exception as e:
-            results[mode.key]["burst"] = {"error": "%s: %s" % (type(e).__name__, e)}
-        close_all_sessions()
-        time.sleep(SETTLE)
-    log("round trips and throughput, the modes taking turns")
-    for key, figures in stream_figures(modes, params["bytes"], params["repeats"]).items():
-        results[key].update(figures)
-    return results
+            # One section's failure is a figure too; the others still run.
+            results.setdefault("errors", {})[name] = "%s: %s" % (type(e).__name__, e)
+            section("%s: FAILED" % name, "  %s: %s" % (type(e).__name__, str(e)[:2000]))
+            close_all_sessions()
+
+
+def run_cost(argv, env=None, runs=5):
+    """'wall / CPU' in ms, medians of `runs` runs of argv to its end."""
+    walls, cpus = [], []
+    for _ in range(runs):
+        c0, t0 = child_cpu(), time.perf_counter()
+        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30, env=env)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(child_cpu() - c0)
+    return "%.0f / %.0f" % (statistics.median(walls) * 1000, statistics.median(cpus) * 1000)
+
+
+def role_interpreters(mode):
+    """What each rvgahp role actually runs under, read from /proc of live processes."""
+    session, _ = open_session(mode)
+    try:
+        session.banner(timeout=BURST_TIMEOUT)
+        exes = {"server": exe_of(mode.rig.server.pid), "proxy": exe_of(mode.rig.proxy_pid()), "client": exe_of(session.proc.pid)}
+    finally:
+        close_session(session)
+    return ", ".join("%s %s" % (role, exe) for role, exe in exes.items())
+
+
+def copy_logs(directory, setup):
+    os.makedirs(directory, exist_ok=True)
+    shutil.copy(setup.sshd.log, os.path.join(directory, "sshd.log"))
+    for key, mode in setup.rigs.items():
+        for path, label in ((mode.rig.server_log, "server"), (mode.rig.proxy_log, "proxy")):
+            if os.path.exists(path):
+                shutil.copy(path, os.path.join(directory, "%s.%s.log" % (key, label)))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    params = {
-        "mode": "quick" if args.quick else "full",
-        "sessions": 10 if args.quick else 30,
-        "burst": BURST,
-        "round_trips": RT_COUNT,
-        "bytes": (50 if args.quick else 200) * MB,
-        "repeats": 3,
-    }
     # SIGTERM and SIGHUP unwind like Ctrl-C does, through the cleanup below.
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda n, _: sys.exit(128 + n))
-
+    results = {}
     with contextlib.ExitStack() as cleanup:
-        sshd, modes = set_up(cleanup, args)
-        rv_modes = [m for m in modes if isinstance(m, Rvgahp)]
-        env = {
-            "machine": "%s, %d cores, Linux %s" % (platform.node(), os.cpu_count() or 0, platform.release()),
-            "rvgahp.py": measured_source(),
-            "sshd": "%s (%s); client %s" % (sshd_version(sshd), harness.find_sshd(), ssh_client_version()),
-            "bench and GAHP Python": "%s (%s)" % (sys.executable, platform.python_version()),
-            "python3 on PATH": python3_on_path(),
-            "load average at start": load_average(),
-        }
-        log("warming up (%d sessions per mode)" % WARMUP_SESSIONS)
-        for mode in modes:
-            for _ in range(WARMUP_SESSIONS):
-                start_once(mode)
-        for mode in rv_modes:
-            env["%s roles" % mode.name] = role_interpreters(mode)
-        env["start-up costs, median of 5"] = startup_costs(rv_modes[0].rig.flavor.python, rv_modes)
-
-        results = measure(modes, params)
-
-        env["load average at end"] = load_average()
-        for mode in rv_modes:
-            logs = {"server": log_findings(mode.rig.server_log, mode.rig.server.pid), "proxy": log_findings(mode.rig.proxy_log)}
-            results[mode.key]["logs"] = logs
-            env["%s logs" % mode.name] = {role: summarize_log(findings) for role, findings in logs.items()}
-            results[mode.key]["targets"] = [{"target": t, "figure": f, "verdict": v} for t, f, v in evaluate_targets(results, mode.key)]
-        print(report(results, modes, params, env))
-        for mode in rv_modes:
-            for role, findings in results[mode.key]["logs"].items():
-                for line in findings["notable"]:
-                    print("  %s %s log: %s" % (mode.name, role, line))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"params": params, "environment": env, "results": results}, f, indent=2, sort_keys=True)
-            log("figures saved to %s" % args.json)
-        log("cleaning up")
+        setup = Setup(cleanup, args)
+        if args.logs:
+            cleanup.callback(copy_logs, args.logs, setup)
+        print(header(setup, args))
+        sys.stdout.flush()
+        try:
+            run(setup, args, results)
+        finally:
+            results["load_average_end"] = load_average()
+            section("targets", targets(results))
+            print("\nload average at the end: %s" % results["load_average_end"])
+            print("busy at the end: %s" % busy_processes(exclude=(os.getpid(),)))
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=2, sort_keys=True, default=str)
+                log("figures saved to %s" % args.json)
+            log("cleaning up")
     log("done")
     return 0
-
-
-def summarize_log(findings):
-    return "%d lines, link up %d time(s), %d notable line(s)" % (findings["lines"], findings["links_up"], findings.get("notable_count", 0))
-
-
-def measured_source():
-    """Which rvgahp.py was measured: it changes often, so name it by hash and commit."""
-    with open(harness.RVGAHP, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:12]
-
-    def git(*args):
-        out = subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD") or "?"
-    dirty = git("status", "--porcelain", "--", "rvgahp.py")
-    return "sha256 %s... (git %s%s)" % (digest, commit, ", with uncommitted changes" if dirty else "")
-
-
-def load_average():
-    """The machine is shared: a high load explains odd figures."""
-    return "%.2f %.2f %.2f (1, 5, 15 min)" % os.getloadavg()
-
-
-def ssh_client_version():
-    out = subprocess.run(["ssh", "-V"], capture_output=True, text=True, timeout=10)
-    return (out.stderr or out.stdout).strip().split(",")[0]
-
-
-def python3_on_path():
-    path = shutil.which("python3") or "?"
-    try:
-        with open(path, "rb") as f:
-            if f.read(2) == b"#!":
-                return "%s (a script that execs an interpreter: the pyz's shebang pays for it)" % path
-    except OSError:
-        pass
-    return path
-
-
-def copy_logs(directory, sshd, rigs):
-    os.makedirs(directory, exist_ok=True)
-    shutil.copy(sshd.log, os.path.join(directory, "sshd.log"))
-    for rig in rigs:
-        name = rig.flavor.name
-        for path, label in ((rig.server_log, "server"), (rig.proxy_log, "proxy")):
-            if os.path.exists(path):
-                shutil.copy(path, os.path.join(directory, "%s.%s.log" % (name, label)))
-        stderr_log = os.path.join(rig.dot, "gahp_stderr.log")
-        if os.path.exists(stderr_log):
-            shutil.copy(stderr_log, os.path.join(directory, "%s.gahp_stderr.log" % name))
 
 
 if __name__ == "__main__":

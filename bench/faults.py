@@ -29,7 +29,6 @@ Tables go to stdout, progress to stderr.
 """
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -37,17 +36,24 @@ import re
 import shlex
 import shutil
 import signal
-import socket
-import statistics
-import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
-import harness  # noqa: E402
+from benchlib import (
+    Progress,
+    end_leftovers,
+    exe_of,
+    harness,
+    load_average,
+    python_version,
+    read_text,
+    rvgahp_source,
+    ssh_version,
+    sshd_banner,
+    table,
+)
+from benchlib import summary as stats
 
-STARTED = time.monotonic()
 KILL_TARGETS = ("ssh", "sshd", "proxy")
 METHODS = ("client", "quick")
 METHOD_NAMES = {"client": "rvgahp_client", "quick": "quick_session"}
@@ -55,22 +61,11 @@ TARGET_NAMES = {"ssh": "transport ssh", "sshd": "sshd session", "proxy": "rvgahp
 RECOVERY_LIMIT = 40.0  # a kill not recovered from in this long is a failed trial
 QUICK_RETRY = 0.02
 FAST_GAHP = "#!/bin/sh\necho '$GahpVersion: 1.0 faults $'\nexec cat >/dev/null\n"
+log = Progress("faults")
 LINE_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) (rvgahp_\w+)\[(\d+)\]: (.*)$")
 
 
-def log(message):
-    sys.stderr.write("[faults %6.1f s] %s\n" % (time.monotonic() - STARTED, message))
-    sys.stderr.flush()
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-def stats(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {"n": len(values), "median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def cells(st, fmt="%.3f"):
@@ -78,15 +73,6 @@ def cells(st, fmt="%.3f"):
     if st is None:
         return ["-", "-", "-"]
     return [fmt % st["median"], fmt % st["min"], fmt % st["max"]]
-
-
-def table(headers, rows):
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    out = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    out.append("  ".join("-" * w for w in widths))
-    for row in rows:
-        out.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
-    return "\n".join(out)
 
 
 def wall_of(stamp):
@@ -107,14 +93,6 @@ def log_events(text, role=None, pid=None):
             continue
         events.append((wall_of(m.group(1)), m.group(2), int(m.group(3)), m.group(4)))
     return events
-
-
-def read_text(path):
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except OSError:
-        return ""
 
 
 class Watchdog:
@@ -160,55 +138,6 @@ def ended_well(status):
     return status in ({"exit": "0"}, "exit 0")
 
 
-def git_state():
-    try:
-        head = subprocess.run(
-            ["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "rvgahp.py"], capture_output=True, text=True, timeout=10).stdout
-        return "%s%s" % (head or "?", " + uncommitted changes to rvgahp.py" if dirty.strip() else "")
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-
-
-def python_version(exe):
-    try:
-        out = subprocess.run([exe, "-c", "import platform; print(platform.python_version())"], capture_output=True, text=True, timeout=20)
-        return out.stdout.strip() or "?"
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-
-
-def exe_of(pid):
-    try:
-        return os.readlink("/proc/%d/exe" % pid)
-    except (OSError, TypeError):
-        return "?"
-
-
-def sshd_banner(port):
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            return s.recv(256).decode(errors="replace").strip()
-    except OSError as e:
-        return "? (%s)" % e
-
-
-def ssh_version():
-    try:
-        out = subprocess.run(["ssh", "-V"], capture_output=True, text=True, timeout=10)
-        return (out.stderr or out.stdout).strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-
-
-def loadavg():
-    try:
-        return "%.2f %.2f %.2f" % os.getloadavg()
-    except OSError:
-        return "?"
-
-
 # --------------------------------------------------------------------------- the context
 
 
@@ -248,8 +177,7 @@ class Context:
         self.dirs.append(snap_dir)
         path = os.path.join(snap_dir, "rvgahp.py")
         shutil.copy2(harness.RVGAHP, path)
-        with open(path, "rb") as f:
-            self.rvgahp_sha = hashlib.sha256(f.read()).hexdigest()[:12]
+        self.rvgahp_source = rvgahp_source(path)
         spec = importlib.util.spec_from_file_location("rvgahp", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -282,12 +210,6 @@ class Context:
         except Exception:
             pass
 
-    def leftovers(self, but=()):
-        found = set()
-        for d in self.dirs:
-            found.update(harness.pids_running(d))
-        return sorted(p for p in found if p not in but and harness.process_state(p) not in (None, "Z"))
-
     def cleanup(self):
         """End everything we started; returns the leftovers found (and then killed)."""
         for pid in self.stopped:
@@ -303,30 +225,13 @@ class Context:
                 rig.cleanup()
             except Exception as e:
                 log("cleanup of rig %s: %s" % (rig.dir, e))
-        strays = []
         sshd_pid = (self.sshd.proc.pid,) if self.sshd is not None and self.sshd.proc is not None else ()
-        deadline = time.monotonic() + 10
-        while True:
-            strays = self.leftovers(but=sshd_pid)
-            if not strays or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        report = [(pid, " ".join(harness.cmdline(pid))[:200]) for pid in strays]
-        for pid in strays:
-            try:
-                os.kill(pid, signal.SIGKILL)  # ours: it names one of our temp dirs
-            except OSError:
-                pass
+        # Ours: each names one of our temp dirs.
+        report = end_leftovers(self.dirs, grace=10.0, but=sshd_pid, sig=signal.SIGKILL)
         if self.sshd is not None:
             self.sshd.stop()
         time.sleep(0.2)
-        late = self.leftovers()
-        for pid in late:
-            report.append((pid, " ".join(harness.cmdline(pid))[:200]))
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        report += end_leftovers(self.dirs, grace=0.0, sig=signal.SIGKILL)
         for d in self.dirs:
             shutil.rmtree(d, ignore_errors=True)
         return report
@@ -893,7 +798,7 @@ def run(ctx, results):
     args = ctx.args
     ctx.set_up()
     meta = results["meta"]
-    meta["rvgahp"] = "rvgahp %s, sha256 %s, from %s (copied at start)" % (ctx.rvgahp_version, ctx.rvgahp_sha, git_state())
+    meta["rvgahp"] = "rvgahp %s, %s, copied at start" % (ctx.rvgahp_version, ctx.rvgahp_source)
     meta["ssh_version"] = ssh_version()
     meta["sshd_banner"] = sshd_banner(ctx.sshd.port)
     log("sshd on 127.0.0.1:%d (%s); roles under %s" % (ctx.sshd.port, meta["sshd_banner"], args.python))
@@ -939,7 +844,7 @@ def main(argv=None):
             "roles_python_version": python_version(args.python),
             "bench_python": platform.python_version(),
             "cpus": os.cpu_count() or 0,
-            "load_start": loadavg(),
+            "load_start": load_average(),
             "trials": args.trials,
         }
     }
@@ -967,7 +872,7 @@ def main(argv=None):
         results["leftovers"] = strays
         if strays:
             log("leftover processes (killed): %s" % strays)
-        results["meta"]["load_end"] = loadavg()
+        results["meta"]["load_end"] = load_average()
     print(report(results))
     sys.stdout.flush()
     if args.json:

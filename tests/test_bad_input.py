@@ -332,4 +332,4 @@ def test_the_client_waits_for_a_server_that_is_on_its_way(make_rig):
 def config_line(rig, text):
     """The line number of text in the rig's config, as the error should name it."""
     with open(rig.config) as f:
-        return [n for n, line in enumerate(f, 1) if line.strip() == text][0]
+        return next(n for n, line in enumerate(f, 1) if line.strip() == text)
