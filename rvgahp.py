@@ -994,7 +994,16 @@ class Channel:
 
 def session_summary(channel, to_gahp, from_gahp):
     """How long a session ran and what it moved, named the same on both hosts."""
-    return "%.1f s, %s to the GAHP, %s from it" % (channel.age(), human_bytes(to_gahp), human_bytes(from_gahp))
+    text = "%.1f s, %s to the GAHP, %s from it" % (channel.age(), human_bytes(to_gahp), human_bytes(from_gahp))
+    count, to_gm, from_gm = channel.tunnel_totals
+    if count:
+        text += "; %d tunnel connection%s, %s to the GridManager, %s from it" % (
+            count,
+            "" if count == 1 else "s",
+            human_bytes(to_gm),
+            human_bytes(from_gm),
+        )
+    return text
 
 
 # --------------------------------------------------------------------------- event-loop pieces
@@ -1764,7 +1773,7 @@ class Server:
                 "ping_interval": self.ping_interval,
                 "ping_timeout": self.ping_timeout,
                 "features": ",".join(FEATURES),
-                "logins_1h": len([t for t, _ in self.history if now - t < 3600]),
+                "logins_1h": 1 + len([t for t, _ in self.history if now - t < 3600]),  # this one too
                 "failed_logins_1h": len([t for t, outcome in self.history if now - t < 3600 and outcome == "failed"]),
             }
         )
@@ -2164,7 +2173,13 @@ class ServerSession(Channel):
         self.gahp = gahp
         self.child = child
         self.tunnel = None  # its TunnelListener, for a condor_ft-gahp
+        self.tunnel_totals = [0, 0, 0]  # ended tunnel connections, bytes to and from the GridManager
         child.on_exit = self.exited
+
+    def tunnel_ended(self, conn):
+        self.tunnel_totals[0] += 1
+        self.tunnel_totals[1] += conn.sent  # read from the ft-gahp here
+        self.tunnel_totals[2] += conn.received
 
     def tunnel_note(self):
         return "; tunnel port %d" % self.tunnel.port if self.tunnel else ""
@@ -2416,9 +2431,12 @@ class TunnelConn(Channel):
             self.release()
 
     def release(self):
+        if self.released:
+            return
         Channel.release(self)
         if self.registry.get(self.cid) is self:
             del self.registry[self.cid]
+        self.session.tunnel_ended(self)
 
     def abort(self, reason):
         """End it now, both ways, and tell the peer: a reset, not a clean close."""
@@ -3105,6 +3123,12 @@ class ProxySession(Channel):
         self.state = "waiting"
         self.tunnel_to = tunnel_to  # the GridManager's address for an ft-gahp's tunnel, or None
         self.tunnel_conns = {}  # cid -> TunnelConn
+        self.tunnel_totals = [0, 0, 0]  # ended tunnel connections, bytes to and from the GridManager
+
+    def tunnel_ended(self, conn):
+        self.tunnel_totals[0] += 1
+        self.tunnel_totals[1] += conn.received  # came over the link from the ft-gahp
+        self.tunnel_totals[2] += conn.sent
 
     def summary(self):
         return session_summary(self, self.sent, self.received)
