@@ -29,4 +29,26 @@ cp "$here/rvgahp.py" "$here/rvgahp_admin.py" "$stage/"   # the roles, and setup/
 # even where PYTHONDONTWRITEBYTECODE is set or the unpack cache is read-only later.
 "$python" -m shiv --site-packages "$stage" --entry-point rvgahp:main \
     --python "/usr/bin/env python3" --reproducible --compressed --compile-pyc --output-file "$out"
+# Our own __main__ (zipapp_main.py): the role starts straight from the unpacked copy,
+# without shiv's bootstrap on every start; the bootstrap still does the unpacking.
+"$python" - "$out" "$here/zipapp_main.py" <<'PY'
+import io, json, os, sys, zipfile
+
+path, launcher = sys.argv[1], sys.argv[2]
+with open(path, "rb") as f:
+    data = f.read()
+shebang = data[: data.index(b"\n") + 1]
+archive = zipfile.ZipFile(io.BytesIO(data))
+build_id = json.loads(archive.read("environment.json"))["build_id"]
+with open(launcher) as f:
+    main = f.read().replace("@BUILD_ID@", build_id).encode()
+out = io.BytesIO()
+with zipfile.ZipFile(out, "w") as rebuilt:
+    for info in archive.infolist():  # same names, dates and order: still reproducible
+        rebuilt.writestr(info, main if info.filename == "__main__.py" else archive.read(info), info.compress_type)
+with open(path + ".tmp", "wb") as f:
+    f.write(shebang + out.getvalue())
+os.chmod(path + ".tmp", 0o755)
+os.replace(path + ".tmp", path)
+PY
 echo "built $out ($(wc -c <"$out") bytes)"

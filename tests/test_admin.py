@@ -1,0 +1,799 @@
+"""`rvgahp setup`, `rvgahp doctor` and the packaging, as a new user meets them.
+
+The story: alice (the throwaway user rvadsub) runs HTCondor on a submit host. She has
+accounts on two clusters (rvadcla and rvadclb). A real sshd on 127.0.0.1 plays both the
+cluster's login node (password logins, answered by an SSH_ASKPASS program that counts
+its calls) and the submit host's sshd (the key setup makes on the cluster). She runs
+`rvgahp setup` once per cluster, with no terminal, and answers one password prompt each
+time; then a real rvgahp_server links up and her GAHP sessions work.
+
+The crontab is a small file-backed `crontab` on the users' PATH (cron itself is not on a
+fresh test machine, and these tests check the crontab's text, not cron's clock), and a
+`condor_config_val` stand-in answers REMOTE_GAHP for doctor.
+"""
+
+import hashlib
+import json
+import os
+import pwd
+import random
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import zipfile
+
+import harness
+import pytest
+
+sys.path.insert(0, harness.REPO)
+
+import rvgahp
+import rvgahp_admin
+
+ADMIN = os.path.join(harness.REPO, "rvgahp_admin.py")
+PYTHON = "/usr/bin/python3"  # the users' python: /root's interpreters are out of their reach
+SUB, CLA, CLB = "rvadsub", "rvadcla", "rvadclb"
+SEED = int(os.environ.get("RVGAHP_TEST_SEED", "9"))
+RUNTIME = re.compile(r"^(rvgahp_server\..*\.(pid|log(\.1)?)|gahp_stderr\..*|FTGahpLog.*|.*\.sock(\.lock|\.log(\.1)?)?)$")
+
+
+def missing_tools():
+    if os.geteuid() != 0:
+        return "these tests make throwaway users, which needs root"
+    for tool in ("useradd", "userdel", "chpasswd", "setpriv", "ssh-keyscan"):
+        if not shutil.which(tool):
+            return "%s is not installed" % tool
+    if not os.access(PYTHON, os.X_OK):
+        return "%s is not installed" % PYTHON
+    if harness.find_sshd() is None:
+        return "sshd is not installed"
+    return None
+
+
+pytestmark = pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")
+
+
+# --------------------------------------------------------------------------- the world
+
+
+class PasswordSshd(harness.Sshd):
+    """The harness's sshd, with password logins and per-user authorized_keys, for our users only."""
+
+    def __init__(self, users, path):
+        super().__init__()
+        self.users = users
+        self.path = path
+
+    def _write_config(self):
+        path = os.path.join(self.dir, "sshd_config")
+        with open(path, "w") as f:
+            f.write(
+                "\n".join(
+                    [
+                        "Port %d" % self.port,
+                        "ListenAddress 127.0.0.1",
+                        "HostKey %s" % os.path.join(self.dir, "host_key"),
+                        "PidFile %s" % os.path.join(self.dir, "sshd.pid"),
+                        "AuthorizedKeysFile .ssh/authorized_keys",
+                        "PasswordAuthentication yes",
+                        "KbdInteractiveAuthentication no",
+                        "UsePAM no",
+                        "StrictModes yes",
+                        "AllowUsers %s" % " ".join(self.users),
+                        "SetEnv PATH=%s" % self.path,
+                        "PrintMotd no",
+                        "MaxStartups 100:30:200",
+                        "LogLevel VERBOSE",
+                        "",
+                    ]
+                )
+            )
+        return path
+
+
+CRONTAB = """#!/bin/sh
+# A file-backed crontab: -l, -r, and a new table from a file or stdin.
+f={dir}/$(id -un)
+case "$1" in
+    -l) [ -f "$f" ] && exec cat "$f"; echo "no crontab for $(id -un)" >&2; exit 1 ;;
+    -r) [ -f "$f" ] && exec rm -f "$f"; echo "no crontab for $(id -un)" >&2; exit 1 ;;
+    -|"") cat > "$f.new" && mv "$f.new" "$f" ;;
+    *) cat "$1" > "$f.new" && mv "$f.new" "$f" ;;
+esac
+"""
+
+CONDOR_CONFIG_VAL = """#!/bin/sh
+# REMOTE_GAHP as a test says it is set.
+[ -s {file} ] && exec cat {file}
+echo "Not defined: $1" >&2
+exit 1
+"""
+
+ASKPASS = """#!/bin/sh
+# Answers ssh's prompt and counts the calls: one line per prompt.
+echo "$*" >> "$RV_ASKPASS_LOG"
+printf '%s\\n' "$RV_PASSWORD"
+"""
+
+
+def write(path, text, mode=0o644, owner=None):
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, mode)
+    if owner:
+        os.chown(path, owner.pw_uid, owner.pw_gid)
+
+
+def processes_of(uid):
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.stat("/proc/" + name).st_uid == uid:
+                    found.append(int(name))
+            except OSError:
+                pass
+    return found
+
+
+def drop_users(names):
+    """Delete the throwaway users, after ending every process of theirs, each by its pid
+    (the clusters' servers first would only log in again, so all of them, until none)."""
+    uids = []
+    for name in names:
+        try:
+            uids.append(pwd.getpwnam(name).pw_uid)
+        except KeyError:
+            pass
+
+    def none_left():
+        left = [pid for uid in uids for pid in processes_of(uid)]
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return not left
+
+    harness.wait_for(none_left, 20, interval=0.1, what="the test users' processes to end")
+    for name in names:
+        subprocess.run(["userdel", "-r", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+class World:
+    def __init__(self):
+        self.rng = random.Random(SEED)
+        print("test_admin: seed %d (RVGAHP_TEST_SEED)" % SEED)
+        self.dir = harness.short_tempdir("rvadm")
+        os.chmod(self.dir, 0o755)
+        self.bin = os.path.join(self.dir, "bin")
+        self.crondir = os.path.join(self.dir, "crontabs")
+        os.makedirs(self.bin)
+        os.makedirs(self.crondir)
+        os.chmod(self.bin, 0o755)
+        os.chmod(self.crondir, 0o1777)
+        self.remote_gahp_file = os.path.join(self.dir, "remote_gahp")
+        write(os.path.join(self.bin, "crontab"), CRONTAB.format(dir=self.crondir), 0o755)
+        write(os.path.join(self.bin, "condor_config_val"), CONDOR_CONFIG_VAL.format(file=self.remote_gahp_file), 0o755)
+        write(os.path.join(self.dir, "askpass"), ASKPASS, 0o755)
+        self.path = "%s:/usr/local/bin:/usr/bin:/bin" % self.bin
+        self.passwords = {}
+        drop_users((SUB, CLA, CLB))
+        for name in (SUB, CLA, CLB):
+            subprocess.check_call(["useradd", "-m", "-s", "/bin/bash", name])
+            self.passwords[name] = "pw-%08x" % self.rng.getrandbits(32)
+            subprocess.run(["chpasswd"], input=("%s:%s\n" % (name, self.passwords[name])).encode(), check=True)
+        self.sshd = PasswordSshd([SUB, CLA, CLB], self.path).start()
+        self.port = self.sshd.port
+        sub = pwd.getpwnam(SUB)
+        # The submit user has logged in to the clusters before: their host key is known.
+        with open(os.path.join(self.sshd.dir, "host_key.pub")) as f:
+            hostkey = " ".join(f.read().split()[:2])
+        ssh_dir = self.home(SUB, ".ssh")
+        os.makedirs(ssh_dir, mode=0o700)
+        os.chown(ssh_dir, sub.pw_uid, sub.pw_gid)
+        write(
+            os.path.join(ssh_dir, "known_hosts"),
+            "[127.0.0.1]:%d %s\n[localhost]:%d %s\n" % (self.port, hostkey, self.port, hostkey),
+            0o644,
+            sub,
+        )
+        # Lines of her own, which setup must leave alone (the last one has no newline).
+        write(os.path.join(ssh_dir, "authorized_keys"), "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOwnKeyOfHerOwn alice@laptop", 0o600, sub)
+        self.askpass_dir = os.path.join(self.dir, "askpass.d")
+        os.makedirs(self.askpass_dir)
+        os.chown(self.askpass_dir, sub.pw_uid, sub.pw_gid)
+        self.tmp = os.path.join(self.dir, "tmp")  # setup's TMPDIR: where its ssh master's dir goes
+        os.makedirs(self.tmp, mode=0o700)
+        os.chown(self.tmp, sub.pw_uid, sub.pw_gid)
+        # Cluster A has been used before: a config line of its own, and a crontab.
+        cla = pwd.getpwnam(CLA)
+        dot = self.home(CLA, ".rvgahp")
+        os.makedirs(dot, mode=0o700)
+        os.chown(dot, cla.pw_uid, cla.pw_gid)
+        write(
+            os.path.join(dot, "condor_config.rvgahp"),
+            "# mine\nRVGAHP_PING_INTERVAL = 1\nRVGAHP_PING_TIMEOUT = 120\n",
+            0o640,
+            cla,
+        )
+        write(os.path.join(self.crondir, CLA), "0 3 * * * echo keep-me\n", 0o600, cla)
+        self.runs = 0
+        with open(self.remote_gahp_file, "w") as f:  # as her HTCondor config will say, once set up
+            f.write(self.home(SUB, "bin", "rvgahp_client") + "\n")
+
+    def home(self, user, *parts):
+        return os.path.join(pwd.getpwnam(user).pw_dir, *parts)
+
+    def sock(self, cluster=CLA):
+        return self.home(SUB, ".rvgahp", ("127.0.0.1" if cluster == CLA else "localhost") + ".sock")
+
+    def env(self, user, **extra):
+        env = {"HOME": self.home(user), "USER": user, "LOGNAME": user, "PATH": self.path, "SHELL": "/bin/bash", "LANG": "C.UTF-8"}
+        env.update(extra)
+        return env
+
+    def as_user(self, user, argv, input=None, timeout=240, **env):
+        pw = pwd.getpwnam(user)
+
+        def demote():
+            os.initgroups(user, pw.pw_gid)
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+
+        return subprocess.run(
+            argv,
+            env=self.env(user, **env),
+            cwd=pw.pw_dir,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            preexec_fn=demote,
+            start_new_session=True,  # no terminal: ssh must ask SSH_ASKPASS
+            text=True,
+        )
+
+    def user_argv(self, user, *argv):
+        """argv run as user, for processes a test drives itself (GahpSession)."""
+        pw = pwd.getpwnam(user)
+        env = ["%s=%s" % kv for kv in sorted(self.env(user).items())]
+        return ["setpriv", "--reuid=%d" % pw.pw_uid, "--regid=%d" % pw.pw_gid, "--init-groups", "env", "-i", *env, *argv]
+
+    def setup(self, *args, cluster=CLA, kill_at=None, expect=0):
+        """`rvgahp setup` as the submit user, with no terminal; (result, askpass calls)."""
+        self.runs += 1
+        log = os.path.join(self.askpass_dir, "calls.%d" % self.runs)
+        argv = [PYTHON, ADMIN, "setup", "-p", str(self.port), "--submit-host", "%s@127.0.0.1:%d" % (SUB, self.port)]
+        argv += ["--blahpd", harness.TESTGAHP, "--ft-gahp", harness.TESTGAHP] if "--no-gahps" not in args else []
+        argv += [a for a in args if a != "--no-gahps"]
+        argv.append("%s@%s" % (cluster, "127.0.0.1" if cluster == CLA else "localhost"))
+        env = dict(
+            SSH_ASKPASS=os.path.join(self.dir, "askpass"),
+            SSH_ASKPASS_REQUIRE="force",
+            RV_ASKPASS_LOG=log,
+            RV_PASSWORD=self.passwords[cluster],
+            TMPDIR=self.tmp,
+        )
+        if kill_at:
+            env["RVGAHP_SETUP_KILL_AT"] = kill_at
+        result = self.as_user(SUB, argv, **env)
+        self.end_leftover_masters()
+        try:
+            with open(log) as f:
+                calls = len(f.read().splitlines())
+        except FileNotFoundError:
+            calls = 0
+        if expect is not None:
+            assert result.returncode == expect, "setup exited %d:\n%s\n%s" % (result.returncode, result.stdout, result.stderr)
+        return result, calls
+
+    def end_leftover_masters(self):
+        """An interrupted setup leaves its ssh master behind (a real user's Ctrl-C closes it)."""
+        for pid in harness.pids_running(self.tmp):
+            if harness.cmdline(pid)[:1] == ["ssh"]:
+                os.kill(pid, signal.SIGTERM)
+        harness.wait_for(lambda: not [p for p in harness.pids_running(self.tmp) if harness.cmdline(p)[:1] == ["ssh"]], 10, what="masters")
+        for name in os.listdir(self.tmp):
+            shutil.rmtree(os.path.join(self.tmp, name), ignore_errors=True)
+
+    def doctor(self, user, *args):
+        pyz = self.home(user, "bin", "rvgahp.pyz")
+        if user != SUB and os.path.exists(pyz):
+            argv = [pyz, "doctor", *args]  # on the cluster, from the .pyz setup installed
+        else:
+            argv = [PYTHON, ADMIN, "doctor", *args]
+        return self.as_user(user, argv, timeout=120)
+
+    def checks(self, user):
+        """{check: its JSON} from doctor --json (the last, where several sockets repeat one), and the exit status."""
+        result = self.doctor(user, "--json")
+        return {c["check"]: c for c in json.loads(result.stdout)["checks"]}, result.returncode
+
+    def snapshot(self, user, runtime=True, normalize=False):
+        """Every path in user's home: kind, mode, digest; and the user's crontab."""
+        home = self.home(user)
+        out = {}
+        for root, dirs, files in os.walk(home):
+            for name in dirs + files:
+                path = os.path.join(root, name)
+                rel = os.path.relpath(path, home)
+                if not runtime and RUNTIME.match(name):
+                    continue
+                st = os.lstat(path)
+                mode = stat.S_IMODE(st.st_mode)
+                if stat.S_ISLNK(st.st_mode):
+                    out[rel] = ("link", os.readlink(path))
+                elif stat.S_ISDIR(st.st_mode):
+                    out[rel] = ("dir", mode)
+                elif stat.S_ISREG(st.st_mode):
+                    with open(path, "rb") as f:
+                        data = f.read()
+                    if normalize and name.startswith(rvgahp_admin.KEY_NAME):
+                        ok = subprocess.run(["ssh-keygen", "-l", "-f", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        data = b"a whole key" if ok.returncode == 0 else b"a broken key"
+                    elif normalize and name == rvgahp_admin.MANIFEST:
+                        out[rel] = ("manifest", mode, tuple(sorted(data.decode().splitlines())))
+                        continue
+                    elif normalize and name == "authorized_keys":
+                        data = re.sub(rb"ssh-ed25519 \S+ rvgahp@", b"ssh-ed25519 KEY rvgahp@", data)
+                    out[rel] = ("file", mode, hashlib.sha256(data).hexdigest())
+                else:
+                    out[rel] = ("other", mode)
+        try:
+            with open(os.path.join(self.crondir, user), "rb") as f:
+                out["<crontab>"] = hashlib.sha256(f.read()).hexdigest()
+        except FileNotFoundError:
+            out["<crontab>"] = None
+        return out
+
+    def state(self, runtime=True, normalize=False):
+        return {u: self.snapshot(u, runtime, normalize) for u in (SUB, CLA, CLB)}
+
+    def server_pid(self, cluster=CLA):
+        argv = [PYTHON, "-c", "import rvgahp_admin; print(rvgahp_admin.server_state()[0])"]
+        out = self.as_user(cluster, argv, PYTHONPATH=harness.REPO).stdout.strip()
+        return int(out) if out.isdigit() else None
+
+    def server_log(self, cluster=CLA):
+        path = self.home(cluster, ".rvgahp", "rvgahp_server.%s.log" % rvgahp.host_tag())
+        try:
+            with open(path) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def stop_server(self, cluster=CLA):
+        pid = self.server_pid(cluster)
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+            harness.wait_for(lambda: self.server_pid(cluster) is None, 30, what="the server to stop")
+
+    def start_server(self, cluster=CLA, wait=True):
+        result = self.as_user(cluster, [self.home(cluster, "bin", "rvgahp_server"), "-d"])
+        assert result.returncode == 0, result.stderr
+        if wait:
+            self.wait_link(cluster)
+
+    def wait_link(self, cluster=CLA):
+        harness.wait_for(lambda: rvgahp.socket_is_live(self.sock(cluster)), 30, what="the link; server log:\n" + self.server_log(cluster))
+
+    def session(self, cluster=CLA, gahp="blahpd"):
+        return harness.GahpSession(self.user_argv(SUB, self.home(SUB, "bin", "rvgahp_client"), self.sock(cluster), gahp))
+
+    def close(self):
+        drop_users((SUB, CLA, CLB))
+        self.sshd.stop()
+        shutil.rmtree(self.sshd.dir, ignore_errors=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def world():
+    w = World()
+    yield w
+    w.close()
+
+
+def works(world, cluster=CLA):
+    """A session of each GAHP through the cluster's link, driven like the GridManager."""
+    for gahp in ("blahpd", "condor_ft-gahp"):
+        s = world.session(cluster, gahp)
+        assert s.banner().startswith("$GahpVersion")
+        assert s.command("ECHO hello\\ from\\ %s" % cluster) == "S hello\\ from\\ %s" % cluster
+        assert s.command("ENV CONDOR_CONFIG") == "S " + world.home(cluster, ".rvgahp", "condor_config.rvgahp")
+        status, _ = s.finish()
+        assert status == 0
+
+
+def differences(a, b):
+    """{(user, path): (was, is)} for every path that differs between two world.state()s."""
+    found = {}
+    for user in set(a) | set(b):
+        x, y = a.get(user, {}), b.get(user, {})
+        found.update({(user, k): (x.get(k), y.get(k)) for k in set(x) | set(y) if x.get(k) != y.get(k)})
+    return found
+
+
+# --------------------------------------------------------------------------- without the world
+
+
+def test_marked_blocks_are_replaced_and_removed_to_the_byte():
+    put, drop = rvgahp_admin.put_block, rvgahp_admin.drop_block
+    for before in (None, "", "mine\n", "mine, no newline", "a\n# >>> rvgahp setup: other >>>\nx\n# <<< rvgahp setup: other <<<\n"):
+        once = put(before, "/s.sock", "line 1\nline 2\n")
+        assert put(once, "/s.sock", "line 1\nline 2\n") == once  # idempotent
+        changed = put(once, "/s.sock", "line 3\n")
+        assert changed.count(">>> rvgahp setup: /s.sock") == 1 and "line 3" in changed and "line 1" not in changed
+        assert drop(changed, "/s.sock") == before
+    two = put(put("mine\n", "/a.sock", "a\n"), "/b.sock", "b\n")
+    assert drop(drop(two, "/a.sock"), "/b.sock") == "mine\n"
+    assert drop(two, "/a.sock") == put("mine\n", "/b.sock", "b\n")
+
+
+def test_the_contrib_examples_are_what_setup_writes():
+    with open(os.path.join(harness.REPO, "contrib", "rvgahp_ssh.example")) as f:
+        example = f.read()
+    submit = ("alice", "submit.example.edu", None)
+    text = rvgahp_admin.transport_text(submit, "/home/alice/.rvgahp/hpcc.sock", "/home/alice/bin/rvgahp_proxy")
+    assert rvgahp_admin.put_block(None, rvgahp_admin.CLUSTER_IDENT, text) in example
+    with open(os.path.join(harness.REPO, "contrib", "authorized_keys.example")) as f:
+        example = f.read()
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExampleKeyOnlyReplaceWithTheClustersPublicKey rvgahp@login1"
+    line = rvgahp_admin.authorized_key_text(key, "/home/alice/.rvgahp/hpcc.sock", "/home/alice/bin/rvgahp_proxy")
+    assert rvgahp_admin.put_block("", "/home/alice/.rvgahp/hpcc.sock", line) in example
+    # The options sit in one list, so a new one is a one-line change.
+    options = rvgahp_admin.transport_options("K", "H")
+    for option in ("BatchMode=yes", "ControlMaster=no", "ControlPath=none", "StrictHostKeyChecking=yes", "UserKnownHostsFile=H"):
+        assert option in options and option in text.replace("~/.rvgahp/known_hosts", "H")
+
+
+def test_print_gives_each_file_for_a_setup_by_hand(tmp_path):
+    def printed(*args):
+        result = subprocess.run([sys.executable, ADMIN, "print", *args], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    sock, proxy = "/home/alice/.rvgahp/hpcc.sock", "/home/alice/bin/rvgahp_proxy"
+    with open(os.path.join(harness.REPO, "contrib", "rvgahp_ssh.example")) as f:
+        assert printed("transport", "--socket", sock, "--proxy", proxy, "alice@submit.example.edu") in f.read()
+    key = tmp_path / "rvgahp.pub"
+    key.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExampleKeyOnlyReplaceWithTheClustersPublicKey rvgahp@login1\n")
+    with open(os.path.join(harness.REPO, "contrib", "authorized_keys.example")) as f:
+        assert printed("authorized-key", "--socket", sock, "--proxy", proxy, str(key)) in f.read()
+    assert "\n@reboot ~/bin/rvgahp_server -d >/dev/null\n*/10 * * * * ~/bin/rvgahp_server -d >/dev/null\n" in printed("crontab")
+    assert "/opt/py/bin/python3.9 ~/bin/rvgahp_server -d" in printed("crontab", "--python", "/opt/py/bin/python3.9")
+    config = printed("server-config", "--blahpd", "/b/glite/bin/blahpd", "--ft-gahp", "/b/sbin/condor_ft-gahp")
+    c = rvgahp.Config("x", "GLITE_LOCATION = /mine\n" + config, {"HOME": "/home/alice"})
+    assert (c.get("BATCH_GAHP"), c.get("GLITE_LOCATION"), c.get("FT_GAHP_LOG")) == (
+        "/b/glite/bin/blahpd",
+        "/mine",  # a definition of the user's own wins over setup's default
+        "/home/alice/.rvgahp/FTGahpLog",
+    )
+    wrong = subprocess.run([sys.executable, ADMIN, "print", "nothing"], capture_output=True, text=True, timeout=30)
+    assert wrong.returncode == 2 and "usage: rvgahp print {transport,authorized-key,server-config,crontab}" in wrong.stderr
+
+
+def test_the_pyz_carries_setup_and_doctor(pyz):
+    with zipfile.ZipFile(pyz) as z:
+        names = z.namelist()
+    assert "site-packages/rvgahp_admin.py" in names and "site-packages/rvgahp.py" in names
+
+
+def test_pip_install_gives_all_four_commands():
+    src = harness.short_tempdir("pipsrc")
+    venv = harness.short_tempdir("venv")
+    try:
+        for name in ("pyproject.toml", "README.md", "rvgahp.py", "rvgahp_admin.py"):
+            shutil.copy(os.path.join(harness.REPO, name), src)
+        shutil.copytree(os.path.join(harness.REPO, "bench"), os.path.join(src, "bench"))  # what used to trip setuptools
+        shutil.copytree(os.path.join(harness.REPO, "contrib"), os.path.join(src, "contrib"))
+        subprocess.check_call([sys.executable, "-m", "venv", venv])
+        pip = subprocess.run(
+            [os.path.join(venv, "bin", "pip"), "install", "-q", "--disable-pip-version-check", src],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+        )
+        out = pip.stdout.decode(errors="replace")
+        if pip.returncode != 0 and ("Could not find a version" in out or "No matching distribution" in out):
+            pytest.skip("pip cannot fetch setuptools (no package index): %s" % out.strip().splitlines()[-1])
+        assert pip.returncode == 0, out
+        for command in ("rvgahp", "rvgahp_client", "rvgahp_proxy", "rvgahp_server"):
+            result = subprocess.run([os.path.join(venv, "bin", command), "--version"], stdout=subprocess.PIPE, timeout=30)
+            assert result.stdout.decode() == "%s %s\n" % (command, rvgahp.VERSION)
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.rmtree(venv, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- setup, end to end
+
+
+def test_a_dry_run_logs_in_once_lists_every_step_and_writes_nothing(world):
+    before = world.state()
+    result, calls = world.setup("--dry-run")
+    assert calls == 1
+    assert world.state() == before
+    out = result.stdout
+    for step in ("log in to", "look at the cluster", "host key", "copy rvgahp", "write the cluster's files", "write this host's files"):
+        assert step in out
+    assert re.search(r"would write +~/.rvgahp/rvgahp_ssh\n", out)
+    assert re.search(r"would write +~/.ssh/authorized_keys\n", out)
+    assert re.search(r"would make +~/.rvgahp/id_ed25519\n", out)
+    assert "would run ~/bin/rvgahp_server -d" in out
+    assert "Dry run: nothing was written." in out
+
+
+def test_setup_links_up_runs_both_gahps_changes_nothing_twice_and_removes_to_the_byte(world):
+    before = world.state()
+    result, calls = world.setup()
+    print(result.stdout)
+    assert calls == 1, "one password prompt per setup"
+    out = result.stdout
+    assert "[1/9] log in to %s@127.0.0.1" % CLA in out
+    assert "Python 3." in out and "testgahp" in out
+    assert re.search(r"blahpd +\$GahpVersion", out) and re.search(r"condor_ft-gahp +\$GahpVersion", out)
+    assert "REMOTE_GAHP = %s" % world.home(SUB, "bin", "rvgahp_client") in out
+    assert "grid_resource = batch slurm %s" % world.sock() in out
+    works(world)
+    set_up = world.state(runtime=False)
+
+    # What she had is still there, as it was.
+    with open(world.home(SUB, ".ssh", "authorized_keys")) as f:
+        assert f.read().startswith("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOwnKeyOfHerOwn alice@laptop\n# >>> rvgahp setup: ")
+    with open(os.path.join(world.crondir, CLA)) as f:
+        crontab = f.read()
+    assert crontab.startswith("0 3 * * * echo keep-me\n")
+    assert "\n@reboot ~/bin/rvgahp_server -d >/dev/null\n*/10 * * * * ~/bin/rvgahp_server -d >/dev/null\n" in crontab
+    with open(world.home(CLA, ".rvgahp", "condor_config.rvgahp")) as f:
+        assert f.read().startswith("# mine\nRVGAHP_PING_INTERVAL = 1\n")
+    assert stat.S_IMODE(os.stat(world.home(CLA, ".rvgahp", "condor_config.rvgahp")).st_mode) == 0o640  # its mode kept
+    assert stat.S_IMODE(os.stat(world.home(SUB, ".rvgahp")).st_mode) == 0o700
+    with open(world.home(CLA, ".rvgahp", "rvgahp_ssh")) as f:
+        transport = f.read()
+    assert '-p %d %s@127.0.0.1 "%s %s"' % (world.port, SUB, world.home(SUB, "bin", "rvgahp_proxy"), world.sock()) in transport
+
+    result, calls = world.setup()
+    assert calls == 1
+    assert "Done: nothing changed, everything was already set up; the link is up." in result.stdout
+    assert "already running" in result.stdout
+    assert world.state(runtime=False) == set_up
+
+    result, calls = world.setup("--remove")
+    print(result.stdout)
+    assert calls == 1
+    assert "stopped rvgahp_server" in result.stdout
+    assert differences(before, world.state()) == {}
+
+
+def test_setup_stops_at_a_missing_gahp_with_the_fix(world):
+    before = world.state()
+    result, calls = world.setup("--no-gahps", cluster=CLB, expect=1)
+    assert calls == 1
+    assert result.stderr.startswith("rvgahp setup: look at the cluster: no blahpd on the cluster (looked on PATH and in ~/bosco/")
+    assert "name it with --blahpd PATH" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert world.state() == before
+
+
+def test_two_clusters_each_with_its_own_socket(world):
+    before = world.state()
+    world.setup(cluster=CLA)
+    world.setup(cluster=CLB)
+    works(world, CLA)
+    works(world, CLB)
+    out = passing(world, SUB)
+    assert out.count("✓ socket: ") == 2 and out.count("✓ link: up") == 2
+    world.setup("--remove", cluster=CLB)
+    assert not os.path.exists(world.sock(CLB))
+    works(world, CLA)  # the shared ~/bin/rvgahp.pyz and links stay for the other cluster
+    world.setup("--remove", cluster=CLA)
+    assert differences(before, world.state()) == {}
+
+
+# --------------------------------------------------------------------------- doctor
+
+
+def failing(world, user, check):
+    """doctor's text as the user: the failed check's line and its fix."""
+    result = world.doctor(user)
+    assert result.returncode == 1, result.stdout
+    lines = result.stdout.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("✗ %s: " % check):
+            assert lines[i + 1].startswith("    fix: "), result.stdout
+            return line, lines[i + 1]
+    raise AssertionError("no failed %r check in:\n%s" % (check, result.stdout))
+
+
+def passing(world, user):
+    result = world.doctor(user)
+    assert result.returncode == 0, result.stdout
+    assert "✗" not in result.stdout and result.stdout.endswith("all checks passed\n")
+    return result.stdout
+
+
+class Undo:
+    """Put a file back as it was, owner and mode included."""
+
+    def __init__(self, path):
+        self.path = path
+        st = os.lstat(path)
+        self.owner, self.mode = (st.st_uid, st.st_gid), stat.S_IMODE(st.st_mode)
+        with open(path, "rb") as f:
+            self.data = f.read()
+
+    def edit(self, change):
+        with open(self.path, "r+b") as f:
+            data = change(self.data)
+            f.seek(0)
+            f.truncate()
+            f.write(data)
+
+    def restore(self):
+        with open(self.path, "wb") as f:
+            f.write(self.data)
+        os.chown(self.path, *self.owner)
+        os.chmod(self.path, self.mode)
+
+
+def test_doctor_names_each_fault_and_its_fix(world):
+    world.setup()
+    out = passing(world, SUB)
+    for check in ("authorized_keys", "roles", "socket directory", "socket", "link", "REMOTE_GAHP"):
+        assert "✓ %s: " % check in out
+    out = passing(world, CLA)
+    for check in ("config", "blahpd", "condor_ft-gahp", "known_hosts", "transport", "crontab", "server", "last login"):
+        assert "✓ %s: " % check in out
+
+    # The submit host.
+    client = world.home(SUB, "bin", "rvgahp_client")
+    os.unlink(client)
+    line, fix = failing(world, SUB, "roles")
+    assert "rvgahp_client in ~/bin does not resolve" in line and "ln -sf rvgahp.pyz ~/bin/rvgahp_client" in fix
+    os.symlink("rvgahp.pyz", client)
+    os.lchown(client, *Undo(world.home(SUB, "bin", "rvgahp.pyz")).owner)
+
+    os.chmod(world.home(SUB, ".rvgahp"), 0o777)
+    line, fix = failing(world, SUB, "socket directory")
+    assert "may be changed by others" in line and fix == "    fix: chmod 700 %s" % world.home(SUB, ".rvgahp")
+    os.chmod(world.home(SUB, ".rvgahp"), 0o700)
+
+    os.chmod(world.sock(), 0o666)
+    line, fix = failing(world, SUB, "socket")
+    assert "with mode 666" in line and "rm %s" % world.sock() in fix
+    os.chmod(world.sock(), 0o600)
+
+    keys = Undo(world.home(SUB, ".ssh", "authorized_keys"))
+    keys.edit(lambda d: d.replace(b'.sock" ssh-ed25519', b'.other.sock" ssh-ed25519'))
+    line, fix = failing(world, SUB, "authorized_keys")
+    assert "its command serves %s" % world.sock().replace(".sock", ".other.sock") in line and "rvgahp setup" in fix
+    keys.restore()
+
+    with open(world.remote_gahp_file, "w") as f:
+        f.write("/usr/bin/elsewhere\n")
+    line, fix = failing(world, SUB, "REMOTE_GAHP")
+    assert line.endswith("REMOTE_GAHP = /usr/bin/elsewhere") and "REMOTE_GAHP = %s" % client in fix
+    with open(world.remote_gahp_file, "w") as f:
+        f.write(client + "\n")
+
+    server = world.server_pid()
+    os.kill(server, signal.SIGSTOP)  # a hung server: its link goes silent (ping interval 1 s here)
+    try:
+        harness.wait_for(lambda: world.checks(SUB)[0]["link"]["ok"] is False, 30, what="doctor to see a silent link")
+        line, fix = failing(world, SUB, "link")
+        assert line.startswith("✗ link: silent") and "server's log" in fix
+    finally:
+        os.kill(server, signal.SIGCONT)
+    harness.wait_for(lambda: world.checks(SUB)[0]["link"]["ok"], 30, what="the link to be heard again")
+
+    # The cluster.
+    config = Undo(world.home(CLA, ".rvgahp", "condor_config.rvgahp"))
+    config.edit(lambda d: d + b"this is not a config line\n")
+    line, fix = failing(world, CLA, "config")
+    assert "expected NAME = value" in line
+    config.edit(lambda d: d + b"BATCH_GAHP = /nowhere/blahpd\n")
+    line, fix = failing(world, CLA, "blahpd")
+    assert "BATCH_GAHP = /nowhere/blahpd: not an executable file" in line and "--blahpd PATH" in fix
+    config.edit(lambda d: d + b"FT_GAHP = /nowhere/condor_ft-gahp\n")
+    line, fix = failing(world, CLA, "condor_ft-gahp")
+    assert "--ft-gahp PATH" in fix
+    config.restore()
+
+    key = world.home(CLA, ".rvgahp", rvgahp_admin.KEY_NAME)
+    os.chmod(key, 0o644)
+    line, fix = failing(world, CLA, "transport")
+    assert "is mode 644" in line and fix.endswith("chmod 600 ~/.rvgahp/id_ed25519")
+    os.chmod(key, 0o600)
+
+    known = Undo(world.home(CLA, ".rvgahp", "known_hosts"))
+    known.edit(lambda d: b"".join(line for line in d.splitlines(True) if line.startswith(b"#")))
+    line, fix = failing(world, CLA, "known_hosts")
+    assert "has no key for [127.0.0.1]:%d" % world.port in line and "ssh-keyscan -p %d 127.0.0.1" % world.port in fix
+    known.restore()
+
+    crontab = Undo(os.path.join(world.crondir, CLA))
+    crontab.edit(lambda d: b"".join(line for line in d.splitlines(True) if b"@reboot" not in line))
+    line, fix = failing(world, CLA, "crontab")
+    assert "lacks the @reboot line" in line and "rvgahp print crontab" in fix
+    crontab.restore()
+
+    world.stop_server()
+    line, fix = failing(world, CLA, "server")
+    assert fix == "    fix: start it: ~/bin/rvgahp_server -d"
+
+    # The submit host no longer lets the key in: the transport and the last login fail.
+    keys.edit(lambda d: d.split(b"\n# >>> rvgahp setup")[0])
+    world.start_server(wait=False)
+    harness.wait_for(lambda: "link attempt failed" in world.server_log(), 30, what="a failed login")
+    line, fix = failing(world, CLA, "last login")
+    assert "link attempt failed: the transport ended (exit 255)" in line
+    line, fix = failing(world, CLA, "transport")
+    assert "Permission denied" in line
+    keys.restore()
+    world.stop_server()
+    world.start_server()
+    passing(world, CLA)
+    passing(world, SUB)
+
+    # Neither host of anything: say what to run.
+    line, fix = failing(world, CLB, "setup")
+    assert "rvgahp setup USER@CLUSTER" in fix
+    world.setup("--remove")
+
+
+# --------------------------------------------------------------------------- interruptions
+
+KILL_POINTS = ["step:" + s for s in rvgahp_admin.Setup.STEPS] + [
+    "write:setup-created",  # the first record of a created path (on the cluster)
+    "write:id_ed25519",  # between the key's two halves
+    "write:condor_config.rvgahp",
+    "write:rvgahp_ssh",
+    "write:crontab",
+    "write:rvgahp.pyz",  # on the submit host
+    "write:authorized_keys",
+]
+
+
+@pytest.fixture(scope="module")
+def reference(world):
+    """Homes before setup, and (keys aside) after it."""
+    before = world.state()
+    world.setup()
+    after = world.state(runtime=False, normalize=True)
+    world.setup("--remove")
+    assert world.state() == before
+    return before, after
+
+
+@pytest.mark.parametrize("kill_at", KILL_POINTS)
+def test_an_interrupted_setup_leaves_whole_files_and_the_next_run_completes(world, reference, kill_at):
+    before, after = reference
+    try:
+        interrupted_then_completed(world, before, after, kill_at)
+    finally:
+        world.setup("--remove", expect=None)  # so a failure here leaves the next test a clean world
+    assert differences(before, world.state()) == {}
+
+
+def interrupted_then_completed(world, before, after, kill_at):
+    result, calls = world.setup(kill_at=kill_at, expect=None)
+    assert result.returncode != 0 and calls <= 1
+    now = world.state(runtime=False, normalize=True)
+    for user in now:
+        for path, value in now[user].items():
+            if rvgahp_admin.TEMP_SUFFIX in path:
+                continue  # a temporary file: the next run replaces it
+            if value is not None and value[0] == "manifest":  # the list of paths to remove: any part of the final one
+                assert set(value[2]) <= set(after[user][path][2]), (user, path, kill_at)
+                continue
+            whole = (before[user].get(path), after[user].get(path))
+            assert value in whole, "%s: %s is half-written after a kill at %s" % (user, path, kill_at)
+    result, calls = world.setup()
+    assert calls == 1
+    assert world.state(runtime=False, normalize=True) == after
+    works(world)
