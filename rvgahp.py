@@ -1951,7 +1951,7 @@ class Server:
             origin = "started now"
         session = ServerSession(self, cid, gahp, child, stdout_r, stdin_w)
         reply = {"pid": child.pid}
-        if fields.get("tunnel") == "1":
+        if fields.get("tunnel") == "1" and gahp == "condor_ft-gahp":  # only the ft-gahp transfers files
             reply.update(self.open_tunnel(session, config))
         self.link.channels[cid] = session
         self.sessions[child.pid] = session
