@@ -2365,6 +2365,7 @@ class TunnelConn(Channel):
         self.session = session
         self.registry = registry  # the session's table of its connections
         self.closed = False
+        self.aborted = False  # ended by an error: a reset, never a FIN that looks like the end
         self.target = None  # where the proxy connects it to
         self.connect_timer = None
 
@@ -2409,7 +2410,7 @@ class TunnelConn(Channel):
     def _close_sink(self):
         self.sink_done = True
         self.sink.detach()
-        if not self.closed:
+        if not self.closed and not self.aborted:
             try:
                 self.sock.shutdown(socket.SHUT_WR)
             except OSError:
@@ -2446,6 +2447,7 @@ class TunnelConn(Channel):
         self._reset()
 
     def _reset(self):
+        self.aborted = True
         if not self.closed:
             try:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -2458,6 +2460,9 @@ class TunnelConn(Channel):
 
     def failed(self, reason):
         self._reset()
+
+    def link_lost(self, reason):
+        self._reset()  # a transfer cut off by the link must not look finished
 
 
 # --------------------------------------------------------------------------- the proxy
