@@ -1465,6 +1465,33 @@ class LineReader:
         self.fd = None
 
 
+def accept_waiting(loop, log, listener, what, take):
+    """Accept every connection waiting on listener, handing each to take(sock, peer).
+
+    Out of fds, stop watching the listener for a second: left registered, the
+    level-triggered loop would spin on it, and a second later some may be free.
+    """
+    while True:
+        try:
+            sock, peer = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            log.info("%s: %s; pausing accepts for 1 s" % (what, e.strerror))
+            pause_accepts(loop, listener, 1.0)
+            return
+        take(sock, peer)
+
+
+def pause_accepts(loop, listener, seconds):
+    fd = listener.fileno()
+    callback = loop.watches[fd][0]
+    loop.on_readable(fd, None)
+    loop.call_later(seconds, lambda: listener.fileno() == fd and loop.on_readable(fd, callback))
+
+
 class SpawnError(Exception):
     pass
 
@@ -2277,26 +2304,17 @@ class TunnelListener:
         self.loop.on_readable(sock.fileno(), self._accept)
 
     def _accept(self):
-        while self.sock is not None:
-            try:
-                conn, peer = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE):
-                    self.log.info("session %d: tunnel: cannot accept: %s; pausing accepts for 1 s" % (self.session.cid, e.strerror))
-                    self.loop.on_readable(self.sock.fileno(), None)
-                    self.loop.call_later(1.0, self._resume)
-                    return
-                raise
-            if not self._welcome(conn, peer):
-                conn.close()
-                continue
-            cid = self.server.new_tunnel_cid()
-            self.conns[cid] = tunnel = TunnelConn(self.server.link, cid, conn, self.session, self.conns)
-            self.server.link.channels[cid] = tunnel
-            self.server.link.send(TUNNEL, cid, encode_fields({"session": self.session.cid}))
-            tunnel.begin_relay()
+        accept_waiting(self.loop, self.log, self.sock, "session %d: tunnel: cannot accept" % self.session.cid, self._take)
+
+    def _take(self, conn, peer):
+        if not self._welcome(conn, peer):
+            conn.close()
+            return
+        cid = self.server.new_tunnel_cid()
+        self.conns[cid] = tunnel = TunnelConn(self.server.link, cid, conn, self.session, self.conns)
+        self.server.link.channels[cid] = tunnel
+        self.server.link.send(TUNNEL, cid, encode_fields({"session": self.session.cid}))
+        tunnel.begin_relay()
 
     def _welcome(self, conn, peer):
         """Whether this connection may use the tunnel: our uid, and within the limit."""
@@ -2315,10 +2333,6 @@ class TunnelListener:
             self.log.info("session %d: tunnel: closed a connection: %d are open (the limit)" % (cid, MAX_TUNNEL_CONNECTIONS))
             return False
         return True
-
-    def _resume(self):
-        if self.sock is not None:
-            self.loop.on_readable(self.sock.fileno(), self._accept)
 
     def close(self):
         """The session is over: no new connections, and the open ones end with it."""
@@ -2662,31 +2676,17 @@ class Proxy:
         self.listener = None
 
     def accept(self):
-        while self.listener is not None:
-            try:
-                sock, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE):
-                    # Level-triggered: left registered, this would spin. Try again in a second.
-                    self.log.info("cannot accept a client: %s; pausing accepts for 1 s" % e.strerror)
-                    self.loop.on_readable(self.listener.fileno(), None)
-                    self.loop.call_later(1.0, self._resume_accepts)
-                    return
-                raise
-            conn = ClientConn(self, sock)
-            self.clients.add(conn)
-            uid = peer_uid(sock)
-            if uid != os.getuid():
-                reason = "only uid %d may use %s, and this client is uid %s" % (os.getuid(), self.sockpath, uid)
-                self.log.info("rejected a client: %s" % reason)
-                conn.reader = None  # it gets no hearing
-                conn.finish(REFUSE, {"reason": reason, "by": "proxy"})
+        accept_waiting(self.loop, self.log, self.listener, "cannot accept a client", self._take_client)
 
-    def _resume_accepts(self):
-        if self.listener is not None:
-            self.loop.on_readable(self.listener.fileno(), self.accept)
+    def _take_client(self, sock, _):
+        conn = ClientConn(self, sock)
+        self.clients.add(conn)
+        uid = peer_uid(sock)
+        if uid != os.getuid():
+            reason = "only uid %d may use %s, and this client is uid %s" % (os.getuid(), self.sockpath, uid)
+            self.log.info("rejected a client: %s" % reason)
+            conn.reader = None  # it gets no hearing
+            conn.finish(REFUSE, {"reason": reason, "by": "proxy"})
 
     def open_session(self, conn, fields, fds):
         gahp = fields.get("gahp", "")

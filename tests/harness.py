@@ -102,29 +102,32 @@ class Sshd:
     def _write_config(self):
         path = os.path.join(self.dir, "sshd_config")
         with open(path, "w") as f:
-            f.write(
-                "\n".join(
-                    [
-                        "Port %d" % self.port,
-                        "ListenAddress 127.0.0.1",
-                        "HostKey %s" % os.path.join(self.dir, "host_key"),
-                        "AuthorizedKeysFile %s" % self.authorized_keys,
-                        "PidFile %s" % os.path.join(self.dir, "sshd.pid"),
-                        "PermitRootLogin prohibit-password",
-                        "PasswordAuthentication no",
-                        "KbdInteractiveAuthentication no",
-                        "UsePAM no",
-                        "StrictModes no",
-                        "PrintMotd no",
-                        # Benchmarks and fault tests open many logins at once.
-                        "MaxStartups 500:30:1000",
-                        "MaxSessions 500",
-                        "LogLevel VERBOSE",
-                        "",
-                    ]
-                )
-            )
+            f.write("\n".join(self.config_lines() + [""]))
         return path
+
+    def base_config(self):
+        """Where it listens and who it is: what every test sshd shares."""
+        return [
+            "Port %d" % self.port,
+            "ListenAddress 127.0.0.1",
+            "HostKey %s" % os.path.join(self.dir, "host_key"),
+            "PidFile %s" % os.path.join(self.dir, "sshd.pid"),
+        ]
+
+    def config_lines(self):
+        return self.base_config() + [
+            "AuthorizedKeysFile %s" % self.authorized_keys,
+            "PermitRootLogin prohibit-password",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "UsePAM no",
+            "StrictModes no",
+            "PrintMotd no",
+            # Benchmarks and fault tests open many logins at once.
+            "MaxStartups 500:30:1000",
+            "MaxSessions 500",
+            "LogLevel VERBOSE",
+        ]
 
     def _listening(self):
         if self.proc.poll() is not None:
@@ -593,6 +596,45 @@ def pids_running(pattern):
             if pattern in cmd:
                 found.append(int(name))
     return found
+
+
+def read_text(path):
+    """A file's text, or "" while it does not exist yet."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def raw_request(sock_path, payload, fds=(), timeout=10):
+    """Talk to the proxy as a broken or hostile client would: send payload (with fds),
+    and return the proxy's one reply as (kind, fields), or None if it just hung up."""
+    import array
+
+    sys.path.insert(0, REPO)
+    import rvgahp
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(sock_path)
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    try:
+        try:
+            s.sendmsg([payload], ancillary)
+        except BrokenPipeError:
+            pass  # refused before it read us; its answer is still there to read
+        reader = rvgahp.FrameReader()
+        while True:
+            data = s.recv(65536)
+            if not data:
+                return None
+            frames = reader.feed(data)
+            if frames:
+                kind, _, body = frames[0]
+                return kind, rvgahp.decode_fields(body)
+    finally:
+        s.close()
 
 
 def no_tunnel_warning(gahp):

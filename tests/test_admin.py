@@ -67,31 +67,19 @@ class PasswordSshd(harness.Sshd):
         self.users = users
         self.path = path
 
-    def _write_config(self):
-        path = os.path.join(self.dir, "sshd_config")
-        with open(path, "w") as f:
-            f.write(
-                "\n".join(
-                    [
-                        "Port %d" % self.port,
-                        "ListenAddress 127.0.0.1",
-                        "HostKey %s" % os.path.join(self.dir, "host_key"),
-                        "PidFile %s" % os.path.join(self.dir, "sshd.pid"),
-                        "AuthorizedKeysFile .ssh/authorized_keys",
-                        "PasswordAuthentication yes",
-                        "KbdInteractiveAuthentication no",
-                        "UsePAM no",
-                        "StrictModes yes",
-                        "AllowUsers %s" % " ".join(self.users),
-                        "SetEnv PATH=%s" % self.path,
-                        "PrintMotd no",
-                        "MaxStartups 100:30:200",
-                        "LogLevel VERBOSE",
-                        "",
-                    ]
-                )
-            )
-        return path
+    def config_lines(self):
+        return self.base_config() + [
+            "AuthorizedKeysFile .ssh/authorized_keys",
+            "PasswordAuthentication yes",
+            "KbdInteractiveAuthentication no",
+            "UsePAM no",
+            "StrictModes yes",
+            "AllowUsers %s" % " ".join(self.users),
+            "SetEnv PATH=%s" % self.path,
+            "PrintMotd no",
+            "MaxStartups 100:30:200",
+            "LogLevel VERBOSE",
+        ]
 
 
 CRONTAB = """#!/bin/sh

@@ -3,7 +3,6 @@ processes keep serving everyone else."""
 
 # array is imported here, not in raw_request: a child that has dropped to another uid
 # may no longer be able to read the interpreter's own files to import it.
-import array
 import os
 import socket
 import stat
@@ -17,30 +16,6 @@ import pytest
 sys.path.insert(0, harness.REPO)
 
 import rvgahp
-
-
-def raw_request(sock_path, payload_frames, fds=()):
-    """Talk to the proxy as a broken client would; return its one reply (kind, fields)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(10)
-    s.connect(sock_path)
-    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-    try:
-        s.sendmsg([payload_frames], ancillary)
-    except BrokenPipeError:
-        pass  # refused before it read us; its answer is still there to read
-    reader = rvgahp.FrameReader()
-    try:
-        while True:
-            data = s.recv(65536)
-            if not data:
-                return None
-            frames = reader.feed(data)
-            if frames:
-                kind, _, payload = frames[0]
-                return kind, rvgahp.decode_fields(payload)
-    finally:
-        s.close()
 
 
 def open_frame(**fields):
@@ -76,7 +51,7 @@ def test_malformed_requests_on_the_socket_are_refused_and_the_proxy_carries_on(r
             (rvgahp.HEADER.pack(rvgahp.OPEN, 0, 10**9), (r, w), "a 1000000000-byte frame"),
         ]
         for payload, fds, reason in cases:
-            reply = raw_request(rig.sock, payload, fds)
+            reply = harness.raw_request(rig.sock, payload, fds)
             assert reply is not None and reply[0] == rvgahp.REFUSE, (payload, reply)
             assert reason in reply[1]["reason"], (payload, reply)
     finally:
@@ -89,7 +64,7 @@ def test_a_client_from_another_rvgahp_version_is_told_to_restart_the_link(rig):
     """After an upgrade, new clients may meet the old proxy of a link still up."""
     r, w = os.pipe()
     try:
-        reply = raw_request(rig.sock, open_frame(gahp="blahpd", rvgahp="0.9", protocol="0"), (r, w))
+        reply = harness.raw_request(rig.sock, open_frame(gahp="blahpd", rvgahp="0.9", protocol="0"), (r, w))
     finally:
         os.close(r)
         os.close(w)
@@ -129,7 +104,7 @@ def test_a_client_of_another_user_is_turned_away(rig):
             try:
                 os.setgid(65534)
                 os.setuid(65534)
-                reply = raw_request(rig.sock, open_frame(gahp="blahpd"), (0, 1))
+                reply = harness.raw_request(rig.sock, open_frame(gahp="blahpd"), (0, 1))
                 os.write(w, repr(reply).encode())
             except BaseException as e:
                 os.write(w, ("the child failed: %r" % e).encode())

@@ -46,14 +46,6 @@ def assert_still_serving(rig, home=None):
     assert s.finish() == (0, "")
 
 
-def read_text(path):
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
-
-
 def lines_with(text, needle):
     return [line for line in text.splitlines() if needle in line]
 
@@ -386,26 +378,6 @@ def module_rig(sshd, default_flavor):
     r.cleanup()
 
 
-def raw_request(sock_path, payload, fds):
-    """Send a request with fds as a client would; the proxy's first reply (kind, fields)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(30)
-    s.connect(sock_path)
-    try:
-        s.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-        reader = rvgahp.FrameReader()
-        while True:
-            data = s.recv(65536)
-            if not data:
-                return None
-            frames = reader.feed(data)
-            if frames:
-                kind, _, body = frames[0]
-                return kind, rvgahp.decode_fields(body)
-    finally:
-        s.close()
-
-
 BAD_STDIO = ["stdout: a directory", "stdout: a regular file", "stdout: /dev/null", "stdout: a read-only pipe",
              "stdin: a directory", "stdin: a regular file", "stdin: /dev/null", "stdin: a write-only pipe"]  # fmt: skip
 
@@ -441,7 +413,7 @@ def test_a_request_with_stdio_the_proxy_cannot_use_is_refused_and_nobody_else_no
         rvgahp.OPEN, 0, rvgahp.encode_fields({"gahp": "blahpd", "rvgahp": rvgahp.VERSION, "protocol": rvgahp.CLIENT_PROTOCOL})
     )
     try:
-        reply = raw_request(rig.sock, request, fds)
+        reply = harness.raw_request(rig.sock, request, fds, timeout=30)
     finally:
         for fd in set(opened):
             os.close(fd)
@@ -557,7 +529,7 @@ def test_a_proxy_flooding_huge_pings_while_never_reading_does_not_grow_the_serve
     # fake proxy before it could say so).
     harness.wait_for(lambda: os.path.exists(done) or "link down after" in rig.log_text(), 60, what="the flood to be sent or cut off")
     grown = harness.rss_kb(rig.server.pid) - before
-    print("the fake proxy sent %s PINGs; server RSS grew %d kB" % (read_text(done), grown))
+    print("the fake proxy sent %s PINGs; server RSS grew %d kB" % (harness.read_text(done), grown))
     assert grown < 30 * 1024, "the server grew %d kB from a PING flood" % grown
     harness.wait_for(lambda: "link down after" in rig.log_text(), 60, what="the server to drop the flooding link")
     down = lines_with(rig.log_text(), "link down after")[0]
@@ -765,7 +737,7 @@ def test_a_connection_that_never_sends_a_request_is_closed(make_rig):
         assert mute.recv(4096) == b""  # the event: the proxy let go of it
     finally:
         mute.close()
-    harness.wait_for(lambda: "sent no request" in read_text(rig.proxy_log), 10, what="the proxy's log line")
+    harness.wait_for(lambda: "sent no request" in harness.read_text(rig.proxy_log), 10, what="the proxy's log line")
     assert_still_serving(rig)
 
 
@@ -779,7 +751,7 @@ def start_on_host(rig, host, *args):
 
 
 def live_pid_in(path):
-    text = read_text(path).strip()
+    text = harness.read_text(path).strip()
     return int(text) if text.isdigit() and harness.process_state(int(text)) not in (None, "Z") else None
 
 
@@ -803,13 +775,13 @@ def test_two_login_nodes_sharing_a_home_each_run_a_server_and_one_stands_by(make
         first = start_on_host(rig, "login1", "-d")
         assert (first.returncode, first.stdout, first.stderr) == (0, b"", b"")
         daemons.append(harness.wait_for(lambda: live_pid_in(pid_file % "login1"), 10, what="login1's pid file"))
-        harness.wait_for(lambda: "link up: proxy pid" in read_text(log_file % "login1"), 30, what="login1's link")
+        harness.wait_for(lambda: "link up: proxy pid" in harness.read_text(log_file % "login1"), 30, what="login1's link")
         second = start_on_host(rig, "login2", "-d")
         assert (second.returncode, second.stdout, second.stderr) == (0, b"", b""), second
         daemons.append(harness.wait_for(lambda: live_pid_in(pid_file % "login2"), 10, what="login2's pid file"))
         assert daemons[0] != daemons[1]
-        harness.wait_for(lambda: "link up as a hot standby" in read_text(log_file % "login2"), 30, what="login2's standby link")
-        assert "hot standby" not in read_text(log_file % "login1")
+        harness.wait_for(lambda: "link up as a hot standby" in harness.read_text(log_file % "login2"), 30, what="login2's standby link")
+        assert "hot standby" not in harness.read_text(log_file % "login1")
         again = start_on_host(rig, "login1", "-d")
         assert again.returncode == 0
         assert again.stdout.decode().startswith("rvgahp_server: already running (pid %d on login1)" % daemons[0]), again.stdout
@@ -991,7 +963,32 @@ def test_a_live_edit_of_the_gahp_stderr_log_applies_to_the_next_session(make_rig
     s.banner()
     assert s.command("STDERR after-the-edit") == "S"
     assert s.finish() == (0, "")
-    assert "after-the-edit" in read_text(moved)
-    assert "after-the-edit" not in read_text(first)
-    assert "before-the-edit" in read_text(first)
+    assert "after-the-edit" in harness.read_text(moved)
+    assert "after-the-edit" not in harness.read_text(first)
+    assert "before-the-edit" in harness.read_text(first)
     subprocess.run(["rm", "-rf", os.path.dirname(first)])
+
+
+def test_a_proxy_out_of_fds_pauses_accepting_and_serves_again_once_it_has_some(make_rig):
+    """An admin's ulimit, or a flood of clients, leaves the proxy no fd to accept with:
+    it says so, stops watching the socket for a second instead of spinning on it, and
+    the next client after fds are free again is served as usual."""
+    import resource
+
+    rig = make_rig()
+    rig.start_server()
+    proxy = rig.proxy_pid()
+    soft, hard = resource.prlimit(proxy, resource.RLIMIT_NOFILE)
+    resource.prlimit(proxy, resource.RLIMIT_NOFILE, (harness.open_fd_count(proxy), hard))
+    try:
+        waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        waiting.connect(rig.sock)  # queued by the kernel; the proxy cannot take it
+        line = "cannot accept a client: Too many open files; pausing accepts for 1 s"
+        harness.wait_for(lambda: line in harness.read_text(rig.proxy_log), 20, what="the proxy to say it is out of fds")
+    finally:
+        resource.prlimit(proxy, resource.RLIMIT_NOFILE, (soft, hard))
+    s = rig.session("blahpd")
+    assert s.banner().startswith("$GahpVersion")
+    assert s.finish() == (0, "")
+    waiting.close()
+    assert rig.proxy_pid() == proxy and rig.links_up() == 1

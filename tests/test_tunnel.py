@@ -410,7 +410,7 @@ def test_the_allocated_line_reaches_stderr_in_one_write(quiet_rig, endpoint):
     s = start_ft(rig, gm.condor_inherit(), argv=argv)
     port = s.tunnel_port(gm)
     finish_clean(s)
-    calls = [line for line in read(trace).splitlines() if re.search(r"\bwritev?\(2,", line)]
+    calls = [line for line in harness.read_text(trace).splitlines() if re.search(r"\bwritev?\(2,", line)]
     want = "Allocated port %d for remote forward to %s\\n" % (port, gm.address)
     size = len(want) - 1  # strace shows the newline as the two characters \n
     pattern = r'\bwrite\(2, "%s", %d\) += %d$' % (re.escape(want), size, size)
@@ -508,9 +508,10 @@ def test_a_refusing_endpoint_closes_that_connection_and_the_session_goes_on(make
     # The ft-gahp sees its connection closed (EOF, or a reset if its bytes were unread).
     assert got.received == 0 and got.read_end in ("eof", "ECONNRESET"), got
     line = "tunnel: cannot connect to %s: Connection refused" % gm.address
-    harness.wait_for(lambda: line in read(rig.proxy_log), WAIT, what="%r in the proxy log:\n%s" % (line, read(rig.proxy_log)))
-    assert read(rig.proxy_log).count("tunnel: cannot connect to") == 1, read(rig.proxy_log)
-    assert re.search(r"session \d+: " + re.escape(line), read(rig.proxy_log)), read(rig.proxy_log)
+    harness.wait_for(lambda: line in harness.read_text(rig.proxy_log), WAIT, what="%r in the proxy log" % line)
+    proxy_log = harness.read_text(rig.proxy_log)
+    assert proxy_log.count("tunnel: cannot connect to") == 1, proxy_log
+    assert re.search(r"session \d+: " + re.escape(line), proxy_log), proxy_log
     # The session goes on, and so does its tunnel, once the GridManager listens.
     assert s.command("ECHO still here") == "S still here"
     gm.listen()
@@ -579,8 +580,12 @@ def test_connections_open_when_the_session_ends_are_closed_at_both_ends(make_rig
         status, err = s.finish(WAIT)  # the GridManager closes the pipes; the GAHP exits
         assert status == 0, err
         # rvgahp closes them: the holders on the cluster see EOF, and so does the endpoint.
-        harness.wait_for(lambda: read(report).count("\n") == 3, WAIT, what="the 3 held connections to be closed; report:\n" + read(report))
-        for line in read(report).splitlines():
+        harness.wait_for(
+            lambda: harness.read_text(report).count("\n") == 3,
+            WAIT,
+            what="the 3 held connections to be closed; report:\n" + harness.read_text(report),
+        )
+        for line in harness.read_text(report).splitlines():
             got = parse_result(line.split(" ", 1)[1])
             assert got.read_end in ("eof", "ECONNRESET") and got.send_end == "open", line
         for i in range(3):
@@ -615,7 +620,7 @@ def test_a_link_killed_mid_transfer_closes_the_connection_at_both_ends(make_rig,
     os.kill(transport, signal.SIGKILL)
     # The ft-gahp sees its connection closed, never a hang: it has already had EOF on its
     # stdin, and waits for the connection before it exits.
-    line = harness.wait_for(lambda: read(report), WAIT, what="the ft-gahp's connection to end after the link died")
+    line = harness.wait_for(lambda: harness.read_text(report), WAIT, what="the ft-gahp's connection to end after the link died")
     got = parse_result(line.split(" ", 1)[1])
     assert got.received == 0 and got.read_end in ("eof", "ECONNRESET"), got
     # The endpoint too: it sees the end, not silence, and what it read is short (only what
@@ -760,7 +765,7 @@ def test_an_older_peer_without_the_tunnel_is_named_and_transfers_go_direct(make_
             assert lines[0].startswith("rvgahp_client: warning: "), err
             assert "no file-transfer tunnel" in lines[0] and older in lines[0] and WARNING_DIRECT in lines[0], err
             # The new side's log says so too, once per link.
-            new_log = read(rig.proxy_log) if older == "rvgahp_server" else rig.log_text()
+            new_log = harness.read_text(rig.proxy_log) if older == "rvgahp_server" else rig.log_text()
             assert new_log.count("%s (rvgahp " % older) == 1 and "has no file-transfer tunnel" in new_log, new_log
         finally:
             shutil.rmtree(old_flavor.bin, ignore_errors=True)
@@ -782,11 +787,3 @@ def test_every_flavor_carries_a_transfer_through_the_tunnel(rig, endpoint):
     assert s.tcp_wait("up").sent == up
     assert s.tcp_wait("down") == Result(0, down, testgahp.seeded_digest(down_seed, down), "eof", "done")
     finish_clean(s)
-
-
-def read(path):
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
