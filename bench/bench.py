@@ -887,6 +887,13 @@ def report_tunnel(results):
         if cpu:
             out += "\n  %s, CPU us per new connection: %s" % (results[k]["name"], cpu_text(cpu, ("proxy", "server", "ssh", "sshd")))
     for k in keys:
+        calls = results[k].get("syscalls")
+        if calls:
+            out += "\n  %s, syscalls per MB (strace -c, one stream): %s" % (
+                results[k]["name"],
+                "; ".join("%s: %s" % (d, ", ".join("%s %.0f" % rc for rc in sorted(c.items()))) for d, c in sorted(calls.items())),
+            )
+    for k in keys:
         if "error" in results[k]:
             out += "\n  %s: %s" % (results[k]["name"], results[k]["error"])
     return out
@@ -952,7 +959,7 @@ def parse_args(argv):
     found = harness.find_interpreters()
     newest = found[max(found, key=lambda v: int(v.split(".")[1]))] if found else "python3"
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer sessions and smaller transfers (about 3 minutes for all)")
+    parser.add_argument("--quick", action="store_true", help="fewer sessions and smaller transfers (about 2 minutes for all)")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: %s (default: all)" % ",".join(SECTIONS))
     parser.add_argument("--python", default=newest, help="the newest CPython, for rvgahp's roles in every section (default: %s)" % newest)
     parser.add_argument(
@@ -982,6 +989,8 @@ def header(setup, args):
         "rvgahp.py:     %s, copied at start from %s" % (rvgahp_source(setup.rvgahp), args.rvgahp),
         "sshd:          %s; client %s" % (sshd_banner(setup.sshd.port), ssh_version()),
         "GAHP + bench:  %s (%s)" % (sys.executable, platform.python_version()),
+        "PYTHON* env:   %s (every process here inherits it)"
+        % (" ".join("%s=%s" % kv for kv in sorted(os.environ.items()) if kv[0].startswith("PYTHON")) or "none"),
         "roles under:   %s" % ", ".join("%s (%s)" % (setup.pythons[k], setup.versions[k]) for k in setup.pythons),
         "The machine is shared: figures are medians and ratios within this run, not across runs.",
     ]
@@ -1001,11 +1010,23 @@ def run(setup, args, results):
         start_once(direct)
         start_once(ssh)
 
+    def available(kinds):
+        """The rvgahp modes that start; one that does not is said once, and the others still run."""
+        modes = []
+        for kind, which in kinds:
+            if which not in setup.pythons:
+                continue
+            try:
+                modes.append(setup.mode(kind, which))
+            except Exception as e:
+                key = "%s-%s" % (kind, which)
+                if key not in results.setdefault("mode_errors", {}):
+                    results["mode_errors"][key] = "%s: %s" % (type(e).__name__, e)
+                    section("%s %s: no column" % (kind, setup.versions[which]), "  " + results["mode_errors"][key][:2000])
+        return modes
+
     def section_start():
-        modes = [direct, ssh]
-        for which in ("old", "new"):
-            if which in setup.pythons:
-                modes += [setup.mode("py", which), setup.mode("pyz", which)]
+        modes = [direct, ssh] + available([("py", "old"), ("pyz", "old"), ("py", "new"), ("pyz", "new")])
         count = 10 if quick else 40
         log("session start, back to back: %d rounds over %d modes" % (count, len(modes)))
         figures = back_to_back(modes, count)
@@ -1025,7 +1046,7 @@ def run(setup, args, results):
             print("    %s: `rvgahp_client --version` %s" % (m.name, run_cost(m.rig.flavor.argv("client", "--version"), m.env)))
 
     def section_burst():
-        modes = [direct, ssh, setup.mode("py"), setup.mode("pyz")]
+        modes = [direct, ssh] + available([("py", "new"), ("pyz", "new")])
         figures = {}
         for mode in modes:
             log("%s: %d sessions at once" % (mode.name, BURST))
