@@ -422,3 +422,48 @@ def test_a_bare_host_name_is_not_taken_for_a_socket_path():
     with pytest.raises(rvgahp.UsageError) as e:
         rvgahp.parse_client_args(["login.hpcc.example.org", "blahpd"])
     assert "'login.hpcc.example.org' looks like a host, not a socket path" in str(e.value)
+
+
+def test_both_ways_of_finding_who_owns_a_tunnel_connection_agree(monkeypatch):
+    """The tunnel admits only our uid. sock_diag asks the kernel about the one socket;
+    /proc/net/tcp is the fallback. Both name a connection's owner, ours or another's."""
+    import encodings.idna  # noqa: F401 (the child cannot load it once it is nobody)
+    import socket
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as another user")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+    ready_r, ready_w = os.pipe()  # the child says it is connected...
+    done_r, done_w = os.pipe()  # ...and holds the connection until we say we are done
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            theirs = socket.socket()
+            theirs.connect(listener.getsockname())
+            os.write(ready_w, b"x")
+            os.read(done_r, 1)
+        finally:
+            os._exit(0)
+    try:
+        conn, peer = listener.accept()
+        os.read(ready_r, 1)
+        mine = socket.create_connection(listener.getsockname())
+        my_conn, my_peer = listener.accept()
+        cases = [(peer, conn.getsockname(), 65534), (my_peer, my_conn.getsockname(), 0), (("127.0.0.1", 1), conn.getsockname(), -1)]
+        for where, local, owner in cases:
+            assert rvgahp.sock_diag_uid(where, local) == owner
+        monkeypatch.setattr(rvgahp, "sock_diag_uid", lambda *a: (_ for _ in ()).throw(OSError("no netlink here")))
+        for where, local, owner in cases:
+            assert rvgahp.tcp_peer_uid(where, local) == owner
+        for s in (conn, mine, my_conn):
+            s.close()
+    finally:
+        os.write(done_w, b"x")
+        os.waitpid(pid, 0)
+        listener.close()
+        for fd in (ready_r, ready_w, done_r, done_w):
+            os.close(fd)
