@@ -1579,7 +1579,7 @@ def parse_transport(text):
                     elif name.lower() == "port" and v.isdigit():
                         port = int(v)
                 i += 2
-            elif w.startswith("-"):
+            elif w.startswith("-") or w == "$@":  # "$@": the cipher preference set above it
                 i += 1
             else:
                 dest = w
