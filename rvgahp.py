@@ -70,6 +70,7 @@ MAX_NOISE = 64 * 1024  # what a login shell may print before the link starts
 MAX_LOG_LINE = 2000
 MAX_SESSIONS = 1000
 MAX_TUNNEL_CONNECTIONS = 256  # per session; the ft-gahp opens one per transfer command
+MAX_STATUS_SESSIONS = 200  # a status reply lists at most this many sessions
 MAX_MACRO_DEPTH = 64  # deeper nesting in a config is a mistake, not a real config
 
 # Timings, in seconds. Those an admin may want to change are also config knobs.
@@ -91,6 +92,7 @@ REQUEST_TIMEOUT = 10.0  # a client connection that has not sent its request by t
 QUIET_AFTER = 1.0  # a new session on a link silent this long probes it at once...
 PROBE_TIMEOUT = 3.0  # ...and a link that stays silent this long after the probe is dead
 UNREACHED_RETRY = 3.0  # an attempt that never reached sshd is no login: retry this soon
+TUNNEL_CONNECT_TIMEOUT = 20.0  # the proxy gives up on a GridManager endpoint after this
 
 # The range every number from a config or from the peer is clamped to: (low, high).
 # A value outside is used at the nearest bound, and the clamping is logged.
@@ -2276,7 +2278,6 @@ class ServerSession(Channel):
 # Channels of tunnel connections are numbered by the server with this bit set, so they
 # never meet the proxy's session numbers.
 TUNNEL_CHANNEL = 0x80000000
-TUNNEL_CONNECT_TIMEOUT = 20.0  # the proxy gives up on a GridManager endpoint after this
 
 
 class TunnelListener:
@@ -2879,9 +2880,6 @@ class Proxy:
     def shutdown(self):
         self.log.info("shutting down (signal)")
         self.link.close("the proxy was told to stop")
-
-
-MAX_STATUS_SESSIONS = 200  # a status reply lists at most this many sessions
 
 
 class SocketBusy(UserError):
