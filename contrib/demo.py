@@ -14,9 +14,11 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,11 +33,17 @@ def step(text):
 class Gahp:
     """A client, driven like the GridManager: write a CRLF command, read one reply line."""
 
-    def __init__(self, sock, name):
+    def __init__(self, sock, name, env=None):
         self.proc = subprocess.Popen(
-            [sys.executable, RVGAHP, "client", sock, name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            [sys.executable, RVGAHP, "client", sock, name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
         )
         self.name = name
+
+    def stderr_line(self):
+        ready, _, _ = select.select([self.proc.stderr], [], [], 15)
+        if not ready:
+            raise SystemExit("demo: nothing on the client's stderr within 15 s")
+        return self.proc.stderr.readline().decode().rstrip("\n")
 
     def readline(self):
         ready, _, _ = select.select([self.proc.stdout], [], [], 15)
@@ -107,7 +115,26 @@ def main():
         bad = Gahp(sock, "condor_c-gahp")
         print("  exit status %d, stderr: %s" % bad.close())
 
-        step("5. What the server logged")
+        step("5. A file transfer: the ft-gahp on the cluster reaches the GridManager through the link")
+        endpoint = socket.socket()
+        endpoint.bind(("127.0.0.1", 0))
+        endpoint.listen(1)
+        gm = "127.0.0.1:%d" % endpoint.getsockname()[1]
+        threading.Thread(target=echo_once, args=(endpoint,), daemon=True).start()
+        print("  the GridManager's file-transfer endpoint listens on %s (a port the cluster cannot reach)" % gm)
+        env = dict(os.environ, CONDOR_INHERIT="%d <%s?addrs=%s&sock=demo> 0" % (os.getpid(), gm, gm.replace(":", "-")))
+        ft = Gahp(sock, "condor_ft-gahp", env)
+        line = ft.stderr_line()
+        print("  the client says, on stderr as ssh -R would: %s" % line)
+        port = int(line.split()[2])
+        with socket.create_connection(("127.0.0.1", port), 10) as transfer:  # what the ft-gahp does on the cluster
+            transfer.sendall(b"the bytes of a job's input file")
+            transfer.shutdown(socket.SHUT_WR)
+            print("  a connection to the cluster's 127.0.0.1:%d reached the GridManager, which answered %r" % (port, read_all(transfer)))
+        print("  ft-gahp banner: %s" % ft.readline())
+        ft.close()
+
+        step("6. What the server logged")
         server.send_signal(signal.SIGTERM)
         server.wait(15)
         with open(log) as f:
@@ -118,6 +145,22 @@ def main():
             server.kill()
         shutil.rmtree(work, ignore_errors=True)
     print("\nDone. For the real thing, see the README's Setup section.")
+
+
+def echo_once(listener):
+    """The GridManager's end of one transfer: read to EOF, answer, close."""
+    conn, _ = listener.accept()
+    with conn:
+        conn.sendall(b"received: " + read_all(conn))
+
+
+def read_all(sock):
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 layout, the example config."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -95,3 +96,7 @@ def test_the_demo_runs_all_three_roles_and_shows_the_exchange():
     assert "all five up and answering" in out
     assert "refused condor_c-gahp: unknown GAHP" in out
     assert "rvgahp_server[" in out and "rvgahp_proxy[" in out
+    # The file transfer: the announced port, the bytes there and back, and the logged totals.
+    assert re.search(r"Allocated port \d+ for remote forward to 127\.0\.0\.1:\d+", out)
+    assert 'which answered b"received: the bytes of a job\'s input file"' in out
+    assert "1 tunnel connection, 31 B to the GridManager, 41 B from it" in out
