@@ -47,6 +47,7 @@ MANIFEST = "setup-created"  # in ~/.rvgahp: "IDENT<TAB>PATH" for each path setup
 TEMP_SUFFIX = ".rvgahp-new"
 LINK_WAIT = 30.0  # how long setup waits for the link after starting the server
 STOP_WAIT = 30.0
+PROVE_WAIT = 90.0  # for each GAHP session setup runs through the new link, tunnel included
 
 # Where a cluster usually has its GAHPs, after PATH. BOSCO's layout first.
 BLAHPD_PLACES = ("~/bosco/glite/bin/blahpd", "~/bosco/bin/blahpd", "/usr/libexec/blahp/blahpd", "/usr/bin/blahpd")
@@ -910,6 +911,61 @@ class Remote:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+# The cluster's end of setup's tunnel proof: send argv[2] to 127.0.0.1:argv[1], print what comes back.
+TUNNEL_PY = """import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), 10)
+s.sendall(sys.argv[2].encode())
+got = b""
+while len(got) < len(sys.argv[2]):
+    more = s.recv(4096)
+    if not more:
+        break
+    got += more
+print(got.decode(errors="replace"))
+"""
+
+
+def read_banner(child, deadline):
+    """(stdout, stderr) of a session's client, read as they come until its first stdout line is
+    whole, or until both end (then the client is leaving: its last words are in stderr)."""
+    import select
+
+    got = {child.stdout: b"", child.stderr: b""}
+    files = list(got)
+    while files and b"\n" not in got[child.stdout]:
+        ready = select.select(files, [], [], max(0.0, deadline - time.monotonic()))[0]
+        if not ready:
+            break
+        for f in ready:
+            data = os.read(f.fileno(), 65536)
+            got[f] += data
+            if not data:
+                files.remove(f)
+    # The client writes its Allocated line before the proxy lets the banner through: it is here by now.
+    if child.stderr in files and select.select([child.stderr], [], [], 0)[0]:
+        got[child.stderr] += os.read(child.stderr.fileno(), 65536)
+    return got[child.stdout].decode(errors="replace"), got[child.stderr].decode(errors="replace")
+
+
+def echo_once(listener, size, deadline, heard):
+    """Accept one connection, read size bytes from it, send them back; heard gets them."""
+    try:
+        listener.settimeout(max(0.1, deadline - time.monotonic()))
+        conn = listener.accept()[0]
+        with conn:
+            conn.settimeout(max(0.1, deadline - time.monotonic()))
+            data = b""
+            while len(data) < size:
+                more = conn.recv(size - len(data))
+                if not more:
+                    break
+                data += more
+            conn.sendall(data)
+            heard.append(data)
+    except OSError:
+        pass
+
+
 class Setup:
     STEPS = ("login", "probe", "hostkey", "copy", "cluster-files", "submit-files", "start", "link", "prove")
 
@@ -1132,20 +1188,80 @@ class Setup:
         self.say("      up")
 
     def prove(self):
-        self.step("prove", "run one session of each GAHP through the link")
+        self.step("prove", "run one session of each GAHP through the link, and one connection through the tunnel")
         if self.dry:
+            self.say("      would run blahpd and condor_ft-gahp, and send a token through the ft-gahp's tunnel and back")
             return
         for gahp in ("blahpd", "condor_ft-gahp"):
-            done = subprocess.run(  # noqa: UP022
-                [self.client, self.sock, gahp], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=90
-            )
-            out = done.stdout.decode(errors="replace").splitlines()
-            if not out or not out[0].startswith("$GahpVersion"):
+            self.session(gahp)
+
+    def session(self, gahp):
+        """One session through the link, to its banner; the ft-gahp's also carries one tunnel connection."""
+        listener, env = None, None
+        if gahp == "condor_ft-gahp":  # the GridManager's side of the tunnel: an echo of one connection
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            env = dict(os.environ, CONDOR_INHERIT="%d <127.0.0.1:%d> 0" % (os.getpid(), listener.getsockname()[1]))
+        deadline = time.monotonic() + PROVE_WAIT
+        child = subprocess.Popen(
+            [self.client, self.sock, gahp], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        )
+        try:
+            out, err = read_banner(child, deadline)
+            if not out.startswith("$GahpVersion"):
+                try:
+                    child.wait(max(0.0, min(5.0, deadline - time.monotonic())))
+                except subprocess.TimeoutExpired:
+                    pass
                 self.fail(
-                    "%s gave no banner (exit %d): %s; see ~/.rvgahp/gahp_stderr.log on the cluster"
-                    % (gahp, done.returncode, last_line(done.stderr.decode(errors="replace")))
+                    "%s gave no banner (%s): %s; see ~/.rvgahp/gahp_stderr.log on the cluster"
+                    % (gahp, "still running" if child.returncode is None else "exit %d" % child.returncode, last_line(err))
                 )
-            self.say("      %-15s %s" % (gahp, out[0][:70]))
+            self.say("      %-15s %s" % (gahp, out.splitlines()[0][:70]))
+            if listener is not None:
+                self.tunnel(listener, err, deadline)
+            try:
+                child.communicate(timeout=max(0.0, deadline - time.monotonic()))  # stdin's EOF ends the session
+            except subprocess.TimeoutExpired:
+                self.fail("%s did not end at its stdin's EOF within %d s; see rvgahp doctor on both hosts" % (gahp, PROVE_WAIT))
+        finally:
+            if listener is not None:
+                listener.close()
+            if child.returncode is None:
+                child.kill()
+                child.wait()
+                for f in (child.stdin, child.stdout, child.stderr):
+                    f.close()
+
+    def tunnel(self, listener, said, deadline):
+        """A token sent to the session's Allocated port on the cluster comes back from listener here."""
+        import threading
+
+        allocated = [line.split()[2] for line in said.splitlines() if line.startswith("Allocated port ")]
+        if not allocated:
+            if "rvgahp_client: warning:" not in said:
+                self.say("      tunnel: off (RVGAHP_FT_TUNNEL = False)")
+                return
+            self.fail(
+                "condor_ft-gahp got no tunnel (%s); run rvgahp doctor on both hosts, or turn the tunnel off with "
+                "RVGAHP_FT_TUNNEL = False in ~/.rvgahp/condor_config.rvgahp on the cluster" % last_line(said)
+            )
+        token = os.urandom(16).hex()
+        heard = []
+        echo = threading.Thread(target=echo_once, args=(listener, len(token), deadline, heard), daemon=True)
+        echo.start()
+        command = "%s -c %s %s %s" % (shlex.quote(self.found["python"]), shlex.quote(TUNNEL_PY), allocated[0], token)
+        done = self.remote.run(command, timeout=max(1, int(deadline - time.monotonic())))
+        echo.join(max(0.0, deadline - time.monotonic()))
+        here = "127.0.0.1:%d" % listener.getsockname()[1]
+        if done.stdout.strip() != token or heard != [token.encode()]:
+            self.fail(
+                "a connection to port %s on the cluster's 127.0.0.1 did not reach %s here and back (%s); see the server's log "
+                "(%s on the cluster) and %s.log here"
+                % (allocated[0], here, last_line(done.stderr or done.stdout), self.cluster_out["log"], home_path(self.sock, self.home))
+            )
+        self.say("      tunnel: proven (port %s on the cluster's 127.0.0.1 reached %s here and back)" % (allocated[0], here))
 
     def install(self):
         self.say("rvgahp setup %s: socket %s%s" % (self.destination(), self.sock, " (dry run: nothing is written)" if self.dry else ""))

@@ -513,6 +513,8 @@ def test_a_dry_run_logs_in_once_lists_every_step_and_writes_nothing(world):
     assert re.search(r"would write +~/.ssh/authorized_keys\n", out)
     assert re.search(r"would make +~/.rvgahp/id_ed25519\n", out)
     assert "would run ~/bin/rvgahp_server -d" in out
+    assert "[9/9] run one session of each GAHP through the link, and one connection through the tunnel" in out
+    assert "send a token through the ft-gahp's tunnel and back" in out
     assert "Dry run: nothing was written." in out
 
 
@@ -525,6 +527,7 @@ def test_setup_links_up_runs_both_gahps_changes_nothing_twice_and_removes_to_the
     assert "[1/9] log in to %s@127.0.0.1" % CLA in out
     assert "Python 3." in out and "testgahp" in out
     assert re.search(r"blahpd +\$GahpVersion", out) and re.search(r"condor_ft-gahp +\$GahpVersion", out)
+    assert re.search(r"\n      tunnel: proven \(port \d+ on the cluster's 127\.0\.0\.1 reached 127\.0\.0\.1:\d+ here and back\)\n", out)
     assert "REMOTE_GAHP = %s" % world.home(SUB, "bin", "rvgahp_client") in out
     assert "grid_resource = batch slurm %s" % world.sock() in out
     works(world)
@@ -566,6 +569,25 @@ def test_setup_stops_at_a_missing_gahp_with_the_fix(world):
     assert "name it with --blahpd PATH" in result.stderr
     assert len(result.stderr.splitlines()) == 1
     assert world.state() == before
+
+
+def test_setup_with_the_tunnel_off_says_so_and_succeeds(world):
+    clb = pwd.getpwnam(CLB)
+    dot = world.home(CLB, ".rvgahp")
+    os.makedirs(dot, mode=0o700)
+    os.chown(dot, clb.pw_uid, clb.pw_gid)
+    write(os.path.join(dot, "condor_config.rvgahp"), "# this site opens 9618\nRVGAHP_FT_TUNNEL = False\n", 0o600, clb)
+    try:
+        before = world.state()
+        result, calls = world.setup(cluster=CLB)
+        assert calls == 1
+        assert re.search(r"condor_ft-gahp +\$GahpVersion.*\n      tunnel: off \(RVGAHP_FT_TUNNEL = False\)\nDone: ", result.stdout)
+        assert "proven" not in result.stdout and not result.stderr
+        works(world, CLB)
+        world.setup("--remove", cluster=CLB)
+        assert differences(before, world.state()) == {}
+    finally:
+        shutil.rmtree(dot)
 
 
 def test_two_clusters_each_with_its_own_socket(world):
