@@ -3765,7 +3765,7 @@ def proxy_main(args):
         prog="rvgahp_proxy",
         description="Run by the server's ssh on the submit host: owns SOCKPATH and carries its clients' sessions on the link.",
     )
-    parser.add_argument("sockpath", help="the UNIX socket to own, e.g. /tmp/user.hpcc.sock")
+    parser.add_argument("sockpath", help="the UNIX socket to own, e.g. ~/.rvgahp/hpcc.sock (a private directory, not /tmp)")
     parser.add_argument("--log", metavar="FILE", help="also log here (default: SOCKPATH.log)")
     parser.add_argument("--no-log-file", action="store_true", help="log to stderr only")
     parser.add_argument("--log-max-size", type=int, default=10 * 1000 * 1000, metavar="BYTES", help="rotate the log file past this size")
