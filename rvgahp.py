@@ -2205,11 +2205,6 @@ class ServerSession(Channel):
         self.tunnel_totals = [0, 0, 0]  # ended tunnel connections, bytes to and from the GridManager
         child.on_exit = self.exited
 
-    def tunnel_ended(self, conn):
-        self.tunnel_totals[0] += 1
-        self.tunnel_totals[1] += conn.sent  # read from the ft-gahp here
-        self.tunnel_totals[2] += conn.received
-
     def tunnel_note(self):
         return "; tunnel port %d" % self.tunnel.port if self.tunnel else ""
 
@@ -2423,11 +2418,13 @@ class TunnelConn(Channel):
         self.closed = False
         self.aborted = False  # ended by an error: a reset, never a FIN that looks like the end
         self.target = None  # where the proxy connects it to
+        self.at_gridmanager = False  # the proxy's end, whose socket is the GridManager's
         self.connect_timer = None
 
     def connect(self, address, text):
         """At the proxy: connect on to the GridManager, holding the peer's bytes till then."""
         self.target = text
+        self.at_gridmanager = True
         self.hold_sink()
         err = self.sock.connect_ex(address)
         if err not in (0, errno.EINPROGRESS):
@@ -2493,7 +2490,12 @@ class TunnelConn(Channel):
         Channel.release(self)
         if self.registry.get(self.cid) is self:
             del self.registry[self.cid]
-        self.session.tunnel_ended(self)
+        # The session's totals, named from the GridManager's side on both hosts.
+        to_gm, from_gm = (self.received, self.sent) if self.at_gridmanager else (self.sent, self.received)
+        totals = self.session.tunnel_totals
+        totals[0] += 1
+        totals[1] += to_gm
+        totals[2] += from_gm
 
     def abort(self, reason):
         """End it now, both ways, and tell the peer: a reset, not a clean close."""
@@ -3168,11 +3170,6 @@ class ProxySession(Channel):
         self.tunnel_to = tunnel_to  # the GridManager's address for an ft-gahp's tunnel, or None
         self.tunnel_conns = {}  # cid -> TunnelConn
         self.tunnel_totals = [0, 0, 0]  # ended tunnel connections, bytes to and from the GridManager
-
-    def tunnel_ended(self, conn):
-        self.tunnel_totals[0] += 1
-        self.tunnel_totals[1] += conn.received  # came over the link from the ft-gahp
-        self.tunnel_totals[2] += conn.sent
 
     def summary(self):
         return session_summary(self, self.sent, self.received)
