@@ -23,25 +23,28 @@ stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 cp "$here/rvgahp.py" "$here/rvgahp_admin.py" "$stage/"   # the roles, and setup/doctor
 
-# The shebang is the user's python3, whatever its version; shiv's bootstrap keeps
-# argv[0], so the name a symlink gives still picks the role. --compile-pyc writes the
-# bytecode when the archive is first unpacked, so a client never recompiles rvgahp.py,
-# even where PYTHONDONTWRITEBYTECODE is set or the unpack cache is read-only later.
+# shiv's bootstrap keeps argv[0], so the name a symlink gives still picks the role.
+# --compile-pyc writes the bytecode when the archive is first unpacked, so a client
+# never recompiles rvgahp.py, even where PYTHONDONTWRITEBYTECODE is set or the unpack
+# cache is read-only later.
 "$python" -m shiv --site-packages "$stage" --entry-point rvgahp:main \
     --python "/usr/bin/env python3" --reproducible --compressed --compile-pyc --output-file "$out"
-# Our own __main__ (zipapp_main.py): the role starts straight from the unpacked copy,
-# without shiv's bootstrap on every start; the bootstrap still does the unpacking.
-"$python" - "$out" "$here/zipapp_main.py" <<'PY'
+# Two launchers of our own, both starting the role straight from the unpacked copy:
+# zipapp_prologue.sh in place of shiv's shebang line, for the archive run by its name
+# (as users and HTCondor run it), and zipapp_main.py as the archive's __main__, for
+# `python3 rvgahp.pyz`. Neither runs shiv's bootstrap, which only unpacks.
+"$python" - "$out" "$here/zipapp_main.py" "$here/zipapp_prologue.sh" <<'PY'
 import io, json, os, sys, zipfile
 
-path, launcher = sys.argv[1], sys.argv[2]
+path, launcher, prologue = sys.argv[1:]
 with open(path, "rb") as f:
     data = f.read()
-shebang = data[: data.index(b"\n") + 1]
 archive = zipfile.ZipFile(io.BytesIO(data))
 build_id = json.loads(archive.read("environment.json"))["build_id"]
 with open(launcher) as f:
     main = f.read().replace("@BUILD_ID@", build_id).encode()
+with open(prologue) as f:
+    shebang = f.read().replace("@BUILD_ID@", build_id).encode()
 out = io.BytesIO()
 with zipfile.ZipFile(out, "w") as rebuilt:
     for info in archive.infolist():  # same names, dates and order: still reproducible

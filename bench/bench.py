@@ -9,7 +9,7 @@ section, against that one sshd and one GAHP:
 
     start       session start back to back: direct (the GAHP spawned locally), plain ssh
                 (`ssh host GAHP`, the stock remote_gahp), and rvgahp as rvgahp.py and as
-                rvgahp.pyz (run by its shebang, as users run it), each under the oldest
+                rvgahp.pyz (run by its name, as users run it), each under the oldest
                 supported CPython (3.6) and the newest
     burst       50 sessions started at once; submit-host memory per extra session
     rtt         the round trip of one small command, over 5 or more sessions: the median of
@@ -593,7 +593,7 @@ def write_gahp(directory):
 
 
 def python_dir(directory, python):
-    """A directory whose `python3` is python: put first on PATH, it is what the pyz's shebang finds."""
+    """A directory whose `python3` is python: put first on PATH, it is what the pyz's prologue finds."""
     os.makedirs(directory)
     os.symlink(python, os.path.join(directory, "python3"))
     return directory

@@ -2,7 +2,7 @@
 
 The end-to-end tests take a `rig` (a server already linked through sshd) for each
 flavor: rvgahp.py under every CPython 3.6-3.13 found, and the built rvgahp.pyz run by
-its shebang and by Python 3.6. RVGAHP_TEST_FLAVORS=3.11,pyz narrows the matrix for
+its name (its sh prologue starts python3) and by Python 3.6. RVGAHP_TEST_FLAVORS=3.11,pyz narrows the matrix for
 quick local runs; the full test command leaves it unset.
 """
 
@@ -80,7 +80,7 @@ def make_flavor(name, request):
         target = request.getfixturevalue("pyz")
         python = INTERPRETERS["3.6"] if name == "pyz-3.6" else None
         flavor = harness.Flavor(name, python, target)
-        USED[name] = "rvgahp.pyz via %s" % (python or "its shebang (%s)" % shutil.which("python3"))
+        USED[name] = "rvgahp.pyz via %s" % (python or "its name (the prologue's python3: %s)" % shutil.which("python3"))
     else:
         python = INTERPRETERS[name]
         flavor = harness.Flavor(name, python, harness.RVGAHP)

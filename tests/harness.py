@@ -210,7 +210,7 @@ class Flavor:
 
     def __init__(self, name, python, target):
         self.name = name
-        self.python = python  # None: run the symlink itself, by its shebang
+        self.python = python  # None: run the symlink itself, as users do
         self.target = target
         self.bin = short_tempdir("bin")
         for role in ROLES:

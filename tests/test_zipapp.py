@@ -1,0 +1,127 @@
+"""rvgahp.pyz as users run it: the sh prologue, the unpacked copy, and the build.
+
+The end-to-end files already run every role through the pyz (the pyz and pyz-3.6
+flavors). These tests hold what is particular to the archive: it starts Python isolated
+on the unpacked copy, it unpacks on the first run, a missing interpreter is one clear
+line, and two builds are the same bytes.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import harness
+import pytest
+from conftest import INTERPRETERS
+
+with open(harness.RVGAHP) as f:
+    VERSION = next(line.split('"')[1] for line in f if line.startswith("VERSION = "))
+
+
+def run(argv, env=None, **kw):
+    return subprocess.run(argv, capture_output=True, env=env, timeout=120, **kw)
+
+
+@pytest.fixture
+def home(pyz):
+    """A fresh shiv cache and a bin directory (with a space in its name) of symlinks to the pyz."""
+    top = harness.short_tempdir("zipapp")
+    bindir = os.path.join(top, "my bin")
+    os.makedirs(bindir)
+    for name in ("rvgahp_client", "rvgahp_server", "rvgahp_proxy"):
+        os.symlink(pyz, os.path.join(bindir, name))
+    env = dict(os.environ, SHIV_ROOT=os.path.join(top, "shiv"))
+    env.pop("SHIV_FORCE_EXTRACT", None)
+    yield bindir, env
+    shutil.rmtree(top, ignore_errors=True)
+
+
+def logging_python(directory, python):
+    """An interpreter wrapper that records the arguments it was given, one per line."""
+    path = os.path.join(directory, "logging-python")
+    with open(path, "w") as f:
+        f.write('#!/bin/sh\nprintf "%%s\\n" "$@" >> "%s.args"\nexec "%s" "$@"\n' % (path, python))
+    os.chmod(path, 0o755)
+    return path
+
+
+def unpacked_dirs(env):
+    root = env["SHIV_ROOT"]
+    found = [os.path.join(root, name, "site-packages") for name in os.listdir(root)] if os.path.isdir(root) else []
+    return [path for path in found if os.path.isdir(path)]  # not shiv's lock files
+
+
+def test_first_run_unpacks_and_later_runs_start_isolated_from_the_unpacked_copy(home):
+    bindir, env = home
+    client = os.path.join(bindir, "rvgahp_client")
+    first = run([client, "--version"], env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.decode() == "rvgahp_client %s\n" % VERSION
+    [unpacked] = unpacked_dirs(env)
+    assert os.path.isfile(os.path.join(unpacked, "rvgahp.py"))
+
+    # Mark the unpacked copy, then watch which interpreter arguments the prologue uses.
+    path = os.path.join(unpacked, "rvgahp.py")
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text.replace('VERSION = "%s"' % VERSION, 'VERSION = "0.0.0-unpacked"', 1))
+    shutil.rmtree(os.path.join(unpacked, "__pycache__"), ignore_errors=True)
+    wrapper = logging_python(bindir, sys.executable)
+    second = run([client, "--version"], env=dict(env, RVGAHP_PYTHON=wrapper))
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.decode() == "rvgahp_client 0.0.0-unpacked\n"
+    with open(wrapper + ".args") as f:
+        args = f.read().split("\n")
+    assert args[:3] == ["-I", "-S", "-c"], args
+    assert client in args, "argv[0] must be the name the pyz was run by: %r" % args
+    # Isolated mode ignores PYTHONDONTWRITEBYTECODE, so the next start loads bytecode.
+    tag = subprocess.check_output([sys.executable, "-c", "import sys; print(sys.implementation.cache_tag)"]).decode().strip()
+    assert os.path.exists(os.path.join(unpacked, "__pycache__", "rvgahp.%s.pyc" % tag))
+
+
+@pytest.mark.skipif("3.6" not in INTERPRETERS, reason="CPython 3.6 is not installed")
+def test_the_oldest_python_runs_every_role_by_name_through_the_prologue(home):
+    bindir, env = home
+    env = dict(env, RVGAHP_PYTHON=INTERPRETERS["3.6"])
+    for role in ("client", "server", "proxy"):
+        result = run([os.path.join(bindir, "rvgahp_" + role), "--version"], env=env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.decode().strip() == "rvgahp_%s %s" % (role, VERSION)
+
+
+def test_a_missing_interpreter_is_one_line_naming_it(home):
+    bindir, env = home
+    client = os.path.join(bindir, "rvgahp_client")
+    result = run([client, "--version"], env=dict(env, RVGAHP_PYTHON="/no/such/python3"))
+    assert result.returncode == 127
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(client + ": cannot find /no/such/python3"), lines
+    assert "RVGAHP_PYTHON" in lines[0]
+    assert result.stdout == b""
+
+
+def test_python_running_the_archive_still_works(home, pyz):
+    _, env = home
+    result = run([sys.executable, pyz, "--version"], env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode() == "rvgahp %s\n" % VERSION
+
+
+def test_the_build_is_reproducible_and_still_a_zip(pyz):
+    out = os.path.join(harness.short_tempdir("zipapp"), "again.pyz")
+    try:
+        build = run([os.path.join(harness.REPO, "build_zipapp.sh"), out], env=dict(os.environ, PYTHON=sys.executable))
+        assert build.returncode == 0, build.stderr
+        with open(pyz, "rb") as a, open(out, "rb") as b:
+            assert a.read() == b.read()
+    finally:
+        shutil.rmtree(os.path.dirname(out), ignore_errors=True)
+    with open(pyz, "rb") as f:
+        assert f.readline() == b"#!/bin/sh\n"
+    with zipfile.ZipFile(pyz) as z:
+        assert "site-packages/rvgahp.py" in z.namelist()
+        assert z.testzip() is None
