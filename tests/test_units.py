@@ -149,6 +149,41 @@ def test_large_payloads_arrive_whole_however_the_reads_cut_them():
     assert reader.pending() == 0
 
 
+def test_the_link_passes_on_the_parts_of_a_cut_data_frame_at_once():
+    """With stream_data (the link's reader), a DATA frame cut by a read goes on in parts,
+    each as soon as it arrives; joined per channel, the bytes are exactly those sent, and
+    every other frame still arrives whole and in its place."""
+    import random
+
+    seed = 20261124
+    print("seed", seed)
+    rng = random.Random(seed)
+    frames = []
+    for i in range(80):
+        size = rng.choice((0, 1, 9, 100, rvgahp.FrameReader.VIEW_AT, rvgahp.READ_SIZE, rvgahp.MAX_PAYLOAD))
+        frames.append((rvgahp.DATA, i % 3 + 1, rng.getrandbits(8 * size).to_bytes(size, "big") if size else b""))
+        if i % 5 == 0:
+            frames.append((rvgahp.WINDOW, i % 3 + 1, struct.pack("!I", i)))
+            frames.append((rvgahp.EOF, 9, b""))
+    stream = b"".join(rvgahp.frame(*f) for f in frames)
+    reader = rvgahp.FrameReader(stream_data=True)
+    got, at, parts = [], 0, 0
+    while at < len(stream):
+        step = rng.choice((1, 5, 9, 13, rng.randint(1, 3 * rvgahp.READ_SIZE)))
+        for kind, channel, payload in reader.feed(stream[at : at + step]):
+            parts += 1
+            # Consecutive DATA frames here are on different channels, so DATA for the
+            # channel just seen is a later part of the same frame.
+            if kind == rvgahp.DATA and got and got[-1][:2] == [rvgahp.DATA, channel]:
+                got[-1][2].extend(payload)
+            else:
+                got.append([kind, channel, bytearray(payload)])
+        at += step
+    assert [(k, c, bytes(p)) for k, c, p in got] == frames
+    assert parts > len(frames), "no frame was cut: the test proves nothing"
+    assert reader.pending() == 0 and reader.data_left == 0
+
+
 def test_an_oversized_frame_is_a_protocol_error_not_an_allocation():
     reader = rvgahp.FrameReader()
     with pytest.raises(rvgahp.ProtocolError):
