@@ -1286,8 +1286,8 @@ class Loop:
             if self.pending_signals:
                 timeout = 0
             forgotten.clear()
-            # The callbacks are called here, not through _call: this is the hot path,
-            # and one Python call per event is a tenth of what relaying a message costs.
+            # Callbacks are called here rather than through _call, one Python call
+            # fewer per event: every relayed message passes this way.
             for fd, mask in wait(timeout):
                 # A callback earlier in this batch may have closed this fd, and even
                 # reused its number: skip it; a live fd's event comes again next time.

@@ -840,8 +840,8 @@ def report_syscalls(results):
 
 def report_tunnel(results):
     p = results["params"]
-    keys = [k for k in (tunnel.SshForward.key, tunnel.RvgahpForward.key) if k in results]
-    base = results.get(tunnel.SshForward.key, {})
+    keys = [k for k in ("ssh_r", "rvgahp", "ssh_r_gcm", "rvgahp_gcm") if k in results]
+    reference = {"rvgahp": "ssh_r", "rvgahp_gcm": "ssh_r_gcm"}  # the same cipher
     rows = []
     for name, label in (
         ("down_1", "1 stream, download"),
@@ -852,7 +852,9 @@ def report_tunnel(results):
         row = [label + " (MB/s)"]
         for k in keys:
             value = results[k].get(name + "_mbps")
-            row.append(fmt(value, "%.0f") + ("" if k == "ssh_r" or value is None else " (%s)" % ratio(value, base.get(name + "_mbps"))))
+            base = results.get(reference.get(k), {})
+            same = "" if k not in reference or value is None else " (%s)" % ratio(value, base.get(name + "_mbps"))
+            row.append(fmt(value, "%.0f") + same)
             cpu = results[k].get(name + "_cpu_us_per_mb")
             row.append("%.0f" % sum(cpu.values()) if cpu else "-")
         rows.append(row)
@@ -863,7 +865,7 @@ def report_tunnel(results):
             "-"
             if not s
             else "%.2f / %.2f" % (s["median"], s["p90"])
-            + ("" if k == "ssh_r" else " (%s)" % ratio(s["median"], base.get("setup_ms", {}).get("median")))
+            + ("" if k not in reference else " (%s)" % ratio(s["median"], results.get(reference[k], {}).get("setup_ms", {}).get("median")))
         )
         cpu = results[k].get("setup_cpu_us")
         row.append("%.0f us/conn" % sum(cpu.values()) if cpu else "-")
@@ -878,6 +880,7 @@ def report_tunnel(results):
         p["connections"],
     )
     out += "\n  CPU: the relaying processes (ssh -R: ssh and sshd; rvgahp: proxy, server, transport ssh, sshd)."
+    out += "\n  Ratios: rvgahp against ssh -R with the same cipher; gcm = -o Ciphers=%s, as rvgahp's transport is shipped." % GCM
     for k in keys:
         for name in ("down_1", "up_1", "down_%d" % p["parallel"], "up_%d" % p["parallel"]):
             cpu = results[k].get(name + "_cpu_us_per_mb")
@@ -946,6 +949,11 @@ def targets(results):
         for name in ("down_1", "up_1", "down_%d" % tn["params"]["parallel"], "up_%d" % tn["params"]["parallel"]):
             figure = share(rv.get(name + "_mbps"), ssh_r.get(name + "_mbps"))
             judge("tunnel %s / ssh -R" % name, figure, 0.9, "%.2fx vs %.1fx", at_most=False)
+            if "rvgahp_gcm" in tn:
+                figure = share(tn["rvgahp_gcm"].get(name + "_mbps"), tn.get("ssh_r_gcm", {}).get(name + "_mbps"))
+                judge("tunnel %s / ssh -R, both gcm" % name, figure, 0.9, "%.2fx vs %.1fx", at_most=False)
+                figure = share(tn["rvgahp_gcm"].get(name + "_mbps"), ssh_r.get(name + "_mbps"))
+                judge("tunnel %s, rvgahp gcm / ssh -R default" % name, figure, 0.9, "%.2fx vs %.1fx", at_most=False)
         value, ref = (rv.get("setup_ms") or {}).get("median"), (ssh_r.get("setup_ms") or {}).get("median")
         judge("tunnel connection setup vs ssh -R, median", value, ref, "%.2f vs %.2f ms")
     width = max([len(r[0]) for r in rows] + [10])
@@ -1088,7 +1096,15 @@ def run(setup, args, results):
     def section_tunnel():
         mb = args.tunnel_mb or (64 if quick else 256)
         results["tunnel"] = tunnel.measure(
-            setup.sshd, setup.mode("py").rig, setup.rvgahp, log, nbytes=mb * MB, repeats=3, connections=100 if quick else 300
+            setup.sshd,
+            setup.mode("py").rig,
+            setup.rvgahp,
+            log,
+            nbytes=mb * MB,
+            repeats=3,
+            connections=100 if quick else 300,
+            gcm_rig=setup.mode("py", gcm=True).rig,
+            gcm=GCM,
         )
         section("file-transfer tunnel: rvgahp vs ssh -R, same sshd, same endpoint", report_tunnel(results["tunnel"]))
 

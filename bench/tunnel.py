@@ -120,11 +120,12 @@ class SshForward:
 
     key, name = "ssh_r", "ssh -R"
 
-    def __init__(self, sshd, endpoint_port):
+    def __init__(self, sshd, endpoint_port, options=(), key=None, name=None):
         self.sshd = sshd
+        self.key, self.name = key or self.key, name or self.name
         argv = sshd.ssh_argv("echo $$; exec cat")
         # The first value given wins: ssh says `Allocated port` at INFO, which ERROR hides.
-        argv[1:1] = ["-o", "LogLevel=INFO", "-o", "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:%d" % endpoint_port]
+        argv[1:1] = ["-o", "LogLevel=INFO", "-o", "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:%d" % endpoint_port] + list(options)
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.port, _ = read_allocated_port(self.proc.stderr.fileno(), 20, "ssh -R")
         self.remote_pid = int(self.proc.stdout.readline())  # `cat`, run by sshd's session process
@@ -149,8 +150,9 @@ class RvgahpForward:
 
     key, name = "rvgahp", "rvgahp tunnel"
 
-    def __init__(self, rig, endpoint_port):
+    def __init__(self, rig, endpoint_port, key=None, name=None):
         self.rig = rig
+        self.key, self.name = key or self.key, name or self.name
         inherit = "4242 <127.0.0.1:%d?addrs=127.0.0.1-%d&sock=bench> 0" % (endpoint_port, endpoint_port)
         env = dict(os.environ, CONDOR_INHERIT=inherit)
         self.session = harness.GahpSession(rig.client_argv("condor_ft-gahp"), env=env)
@@ -248,21 +250,31 @@ def setup_once(port):
 # --------------------------------------------------------------------------- the section
 
 
-def measure(sshd, rig, rvgahp, log, nbytes=256 * MB, repeats=3, parallel=8, connections=200):
-    """{key: figures} for ssh -R and rvgahp's tunnel, taking turns; errors are figures too."""
+def measure(sshd, rig, rvgahp, log, nbytes=256 * MB, repeats=3, parallel=8, connections=200, gcm_rig=None, gcm=None):
+    """{key: figures} for ssh -R and rvgahp's tunnel, taking turns; errors are figures too.
+
+    With gcm_rig (an rvgahp whose transport has `-o Ciphers=gcm`), also both with that
+    cipher: rvgahp as its transport is shipped, and ssh -R with the same cipher."""
     endpoint = Endpoint()
     forwards = []
-    results = {SshForward.key: {"name": SshForward.name}, RvgahpForward.key: {"name": RvgahpForward.name}}
+    results = {}
     try:
         log("tunnel: endpoint on 127.0.0.1:%d; opening ssh -R" % endpoint.port)
-        forwards.append(SshForward(sshd, endpoint.port))
-        if not tunnel_available(rvgahp):
-            results["rvgahp"]["error"] = "this rvgahp.py has no file-transfer tunnel yet (no `Allocated port` in it)"
-        else:
+        wanted = [(SshForward, (sshd, endpoint.port), {}), (RvgahpForward, (rig, endpoint.port), {})]
+        if gcm_rig is not None:
+            gcm_options = ["-o", "Ciphers=" + gcm]
+            wanted.append((SshForward, (sshd, endpoint.port), {"options": gcm_options, "key": "ssh_r_gcm", "name": "ssh -R gcm"}))
+            wanted.append((RvgahpForward, (gcm_rig, endpoint.port), {"key": "rvgahp_gcm", "name": "rvgahp tunnel gcm"}))
+        for kind, args, kw in wanted:
+            key = kw.get("key", kind.key)
+            results[key] = {"name": kw.get("name", kind.name)}
+            if kind is RvgahpForward and not tunnel_available(rvgahp):
+                results[key]["error"] = "this rvgahp.py has no file-transfer tunnel yet (no `Allocated port` in it)"
+                continue
             try:
-                forwards.append(RvgahpForward(rig, endpoint.port))
+                forwards.append(kind(*args, **kw))
             except Exception as e:
-                results["rvgahp"]["error"] = "%s: %s" % (type(e).__name__, e)
+                results[key]["error"] = "%s: %s" % (type(e).__name__, e)
         for f in forwards:
             results[f.key]["port"] = f.port
             setup_once(f.port)  # warm
@@ -312,7 +324,7 @@ def measure(sshd, rig, rvgahp, log, nbytes=256 * MB, repeats=3, parallel=8, conn
                 results[f.key][name + "_all"] = values
                 moved = len(values) * streams * nbytes / MB
                 results[f.key][name + "_cpu_us_per_mb"] = {role: s / moved * 1e6 for role, s in cpu[f.key][(streams, direction)].items()}
-        rv = [f for f in forwards if f.key == RvgahpForward.key and f.key not in broken]
+        rv = [f for f in forwards if f.key == RvgahpForward.key and f.key not in broken]  # default cipher
         if rv and Strace.available():
             results[rv[0].key]["syscalls"] = tunnel_syscalls(rv[0], min(nbytes, 64 * MB), log)
     finally:

@@ -424,6 +424,39 @@ def test_the_loop_never_calls_back_for_an_fd_closed_earlier_in_the_same_batch():
             pass
 
 
+@pytest.mark.parametrize("poller", ["epoll", "selectors"])
+def test_the_loop_runs_fds_timers_and_a_callback_that_raises_with_either_poller(monkeypatch, poller):
+    """Where select has no epoll, the loop falls back to selectors: same callbacks, same
+    timeouts (-1 waits for ever), and a raising callback ends only its owner."""
+    import select
+
+    if poller == "selectors":
+        monkeypatch.delattr(select, "epoll", raising=False)
+    log = rvgahp.Log("test")
+    log.fd = os.open(os.devnull, os.O_WRONLY)
+    loop = rvgahp.Loop(log)
+    assert hasattr(loop.poller, "epoll") == (poller == "epoll")
+    r, w = os.pipe()
+    events = []
+
+    class Owner:
+        def readable(self):
+            events.append(os.read(r, 10))
+            loop.on_readable(r, None)
+            raise RuntimeError("a bug in one owner")
+
+        def fail(self, reason):
+            events.append(reason)
+            loop.call_later(0.01, lambda: (events.append("timer"), loop.stop()))
+
+    loop.on_readable(r, Owner().readable)
+    os.write(w, b"ping")
+    loop.run()
+    assert events == [b"ping", "internal error: a bug in one owner", "timer"]
+    for fd in (r, w, log.fd):
+        os.close(fd)
+
+
 def test_an_outbox_whose_reader_vanishes_still_reports_drained():
     log = rvgahp.Log("test")
     loop = rvgahp.Loop(log)
