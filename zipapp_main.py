@@ -1,11 +1,13 @@
 """rvgahp.pyz's __main__: start the role at once from the copy shiv unpacked.
 
 build_zipapp.sh puts this file in the archive in place of shiv's own __main__, with
-BUILD_ID filled in. shiv's bootstrap imports a dozen modules on every start just to
-find the directory it unpacked the archive to, and rvgahp_client starts for every
-session. So when that directory is there, import rvgahp from it directly; when it is
-not (the first run of a new build), hand over to shiv's bootstrap, which unpacks it.
-Standard library only, Python 3.6+, like rvgahp itself.
+BUILD_ID filled in. It runs when Python is given the archive (`python3 rvgahp.pyz`),
+and on the first run of a new build, which the sh prologue (zipapp_prologue.sh) hands
+here. shiv's bootstrap imports a dozen modules on every start just to find the
+directory it unpacked the archive to, and rvgahp_client starts for every session. So
+when that directory is there, import rvgahp from it directly; when it is not, hand
+over to shiv's bootstrap, which unpacks it. Standard library only, Python 3.6+, like
+rvgahp itself.
 """
 
 import os
