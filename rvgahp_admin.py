@@ -264,7 +264,7 @@ def server_config_text(blahpd, ft_gahp):
 
 
 def server_command(python=None):
-    """How cron starts the server: by the .pyz's shebang, or by a named interpreter."""
+    """How cron starts the server: by the .pyz's name (python3 on PATH), or by a named interpreter."""
     return ((shlex.quote(python) + " ") if python else "") + "~/bin/rvgahp_server -d"
 
 
@@ -1773,7 +1773,7 @@ def print_main(args):
         parser.add_argument("--ft-gahp", required=True, metavar="PATH")
     else:
         parser.description = "The crontab lines rvgahp setup adds on the cluster."
-        parser.add_argument("--python", metavar="PATH", help="start the server with this interpreter rather than by its shebang")
+        parser.add_argument("--python", metavar="PATH", help="start the server with this interpreter rather than the python3 on PATH")
     opts = parser.parse_args(args)
     if what == "transport":
         import getpass
