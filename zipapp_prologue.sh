@@ -3,7 +3,7 @@
 # puts it there). Run by its name or a symlink's, it starts Python isolated (-I -S: no
 # site, no PYTHON* variables, no user site-packages) straight on the copy that shiv
 # unpacked into ~/.shiv, so a session start pays for neither site nor the zip's import
-# machinery: together half of a client's start. The first run of a new build, and
+# machinery: together 40% of a client's start on 3.6. The first run of a new build, and
 # `python3 rvgahp.pyz`, go through the archive's __main__ instead, which unpacks.
 # RVGAHP_PYTHON names the interpreter; the default is python3 on PATH.
 py=${RVGAHP_PYTHON:-python3}
