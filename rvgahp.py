@@ -1183,6 +1183,7 @@ class Loop:
         self.watches = {}  # fd -> [reader callback, writer callback]
         self.forgotten = set()  # fds dropped since the last wait: their events are stale
         self.timers = []
+        self.next_turn = []  # callbacks for the turn after this one (soon)
         self.serial = 0
         self.stopped = False
         self.signal_handlers = {}
@@ -1247,8 +1248,9 @@ class Loop:
         return timer
 
     def soon(self, callback):
-        """Run callback on the next turn of the loop, after the events at hand."""
-        return self.call_later(0.0, callback)
+        """Run callback on the next turn of the loop, after the events that turn's poll
+        brings: what is put off this way never delays what already waits in a pipe."""
+        self.next_turn.append(callback)
 
     # signals
     def on_signal(self, signum, callback):
@@ -1278,12 +1280,13 @@ class Loop:
         wait = self.poller.wait
         monotonic = time.monotonic
         while not self.stopped:
+            this_turn, self.next_turn = self.next_turn, []
             timeout = -1
             while timers and timers[0][2].cancelled:
                 heapq.heappop(timers)
             if timers:
                 timeout = max(0.0, timers[0][0] - monotonic())
-            if self.pending_signals:
+            if self.pending_signals or this_turn:
                 timeout = 0
             forgotten.clear()
             # Callbacks are called here rather than through _call, one Python call
@@ -1310,6 +1313,8 @@ class Loop:
                         callback()
                     except Exception as e:
                         self._failed(callback, e)
+            for callback in this_turn:
+                self._call(callback)
             while self.pending_signals:
                 signum = self.pending_signals.pop(0)
                 self._call(self.signal_handlers[signum])

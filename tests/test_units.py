@@ -457,6 +457,36 @@ def test_the_loop_runs_fds_timers_and_a_callback_that_raises_with_either_poller(
         os.close(fd)
 
 
+def test_work_put_off_with_soon_runs_after_the_next_polls_events():
+    """The server hands out a spare GAHP and forks its replacement with soon(): the
+    spare's banner, readable by the next poll, must go out before that fork."""
+    log = rvgahp.Log("test")
+    loop = rvgahp.Loop(log)
+    first_r, first_w = os.pipe()
+    second_r, second_w = os.pipe()
+    order = []
+
+    def first():
+        os.read(first_r, 10)
+        order.append("first")
+        loop.on_readable(first_r, None)
+        loop.soon(lambda: (order.append("put off"), loop.stop()))
+        os.write(second_w, b"banner")  # readable only from the next poll on
+
+    def second():
+        os.read(second_r, 10)
+        order.append("second")
+        loop.on_readable(second_r, None)
+
+    loop.on_readable(first_r, first)
+    loop.on_readable(second_r, second)
+    os.write(first_w, b"x")
+    loop.run()
+    assert order == ["first", "second", "put off"]
+    for fd in (first_r, first_w, second_r, second_w):
+        os.close(fd)
+
+
 def test_an_outbox_whose_reader_vanishes_still_reports_drained():
     log = rvgahp.Log("test")
     loop = rvgahp.Loop(log)
