@@ -343,6 +343,15 @@ def tunnel_session(rig, gm):
     return s, s.tunnel_port(gm)
 
 
+def linked_tunnel_session(make_rig, endpoint, **endpoint_options):
+    """A linked server, a GridManager endpoint, and an ft-gahp session with its tunnel port."""
+    rig = make_rig()
+    rig.start_server()
+    gm = endpoint(**endpoint_options)
+    s, port = tunnel_session(rig, gm)
+    return rig, gm, s, port
+
+
 def finish_clean(s):
     """End the session as the GridManager does; it exits 0 having said exactly one Allocated line."""
     status, err = s.finish(WAIT)
@@ -390,10 +399,7 @@ def has_ipv6_loopback():
 
 
 def test_an_ft_gahp_session_announces_a_loopback_port_before_its_banner(make_rig, endpoint):
-    rig = make_rig()
-    rig.start_server()
-    gm = endpoint()
-    s, port = tunnel_session(rig, gm)
+    _rig, _gm, s, port = linked_tunnel_session(make_rig, endpoint)
     # ssh -R listens on the cluster's loopback only, and so must we: the GridManager
     # rewrites its address to 127.0.0.1:N, and nobody off the login node may come in.
     assert listeners_on(port) == ["0100007F"], "port %d listens on %s" % (port, listeners_on(port))
@@ -430,10 +436,7 @@ def test_a_blahpd_session_never_announces_a_tunnel(quiet_rig, endpoint):
 
 
 def test_a_large_upload_arrives_intact_and_the_answer_comes_back_after_the_half_close(make_rig, endpoint):
-    rig = make_rig()
-    rig.start_server()
-    gm = endpoint()
-    s, port = tunnel_session(rig, gm)
+    _rig, gm, s, port = linked_tunnel_session(make_rig, endpoint)
     size, seed = 32 * MB, seed_for("upload")
     s.tcp("TCP_OPEN up %d %d %d send sink up" % (port, size, seed))
     got = s.tcp_wait("up", 120)
@@ -446,10 +449,7 @@ def test_a_large_upload_arrives_intact_and_the_answer_comes_back_after_the_half_
 
 
 def test_a_large_download_arrives_intact_and_the_ft_gahp_answers_after_the_endpoint_half_closes(make_rig, endpoint):
-    rig = make_rig()
-    rig.start_server()
-    gm = endpoint()
-    s, port = tunnel_session(rig, gm)
+    _rig, gm, s, port = linked_tunnel_session(make_rig, endpoint)
     size, seed = 32 * MB, seed_for("download")
     back, back_seed = 1 * MB, seed_for("download-answer")
     s.tcp("TCP_OPEN down %d %d %d recv source down %d %d" % (port, back, back_seed, size, seed))
@@ -461,10 +461,7 @@ def test_a_large_download_arrives_intact_and_the_ft_gahp_answers_after_the_endpo
 
 
 def test_both_directions_at_once_through_an_echoing_endpoint(make_rig, endpoint):
-    rig = make_rig()
-    rig.start_server()
-    gm = endpoint()
-    s, port = tunnel_session(rig, gm)
+    _rig, gm, s, port = linked_tunnel_session(make_rig, endpoint)
     size, seed = 8 * MB, seed_for("echo")
     s.tcp("TCP_OPEN echo %d %d %d send echo echo" % (port, size, seed))
     digest = testgahp.seeded_digest(seed, size)
@@ -474,10 +471,7 @@ def test_both_directions_at_once_through_an_echoing_endpoint(make_rig, endpoint)
 
 
 def test_64_connections_at_once_each_arrive_intact(make_rig, endpoint):
-    rig = make_rig()
-    rig.start_server()
-    gm = endpoint()
-    s, port = tunnel_session(rig, gm)
+    _rig, gm, s, port = linked_tunnel_session(make_rig, endpoint)
     count, size = 64, 256 * 1024
     seeds = {}
     for i in range(count):
@@ -499,10 +493,8 @@ def test_64_connections_at_once_each_arrive_intact(make_rig, endpoint):
 
 
 def test_a_refusing_endpoint_closes_that_connection_and_the_session_goes_on(make_rig, endpoint):
-    rig = make_rig()
-    rig.start_server()
-    gm = endpoint(listen=False)  # bound, not listening: every connection is refused
-    s, port = tunnel_session(rig, gm)
+    # bound, not listening: every connection is refused
+    rig, gm, s, port = linked_tunnel_session(make_rig, endpoint, listen=False)
     s.tcp("TCP_OPEN refused %d %d %d send sink refused" % (port, 64 * 1024, seed_for("refused")))
     got = s.tcp_wait("refused")
     # The ft-gahp sees its connection closed (EOF, or a reset if its bytes were unread).
@@ -523,10 +515,8 @@ def test_a_refusing_endpoint_closes_that_connection_and_the_session_goes_on(make
 
 
 def test_a_stalled_endpoint_holds_back_only_its_own_connection(make_rig, endpoint):
-    rig = make_rig()
-    rig.start_server()
-    gm = endpoint(rcvbuf=64 * 1024)  # a small receive buffer, so the stall backs up at once
-    s, port = tunnel_session(rig, gm)
+    # a small receive buffer, so the stall backs up at once
+    _rig, gm, s, port = linked_tunnel_session(make_rig, endpoint, rcvbuf=64 * 1024)
     slow_size, slow_seed = 24 * MB, seed_for("stalled")
     fast_size, fast_seed = 8 * MB, seed_for("fast")
     s.tcp("TCP_OPEN slow %d %d %d send stall slow" % (port, slow_size, slow_seed))
@@ -605,10 +595,7 @@ def test_connections_open_when_the_session_ends_are_closed_at_both_ends(make_rig
 
 
 def test_a_link_killed_mid_transfer_closes_the_connection_at_both_ends(make_rig, endpoint):
-    rig = make_rig()
-    rig.start_server()
-    gm = endpoint(rcvbuf=64 * 1024)
-    s, port = tunnel_session(rig, gm)
+    rig, gm, s, port = linked_tunnel_session(make_rig, endpoint, rcvbuf=64 * 1024)
     report = os.path.join(rig.dir, "tcp-report.txt")
     s.tcp("TCP_REPORT " + report)
     size, seed = 24 * MB, seed_for("killed")
@@ -646,10 +633,8 @@ def test_a_link_killed_mid_transfer_closes_the_connection_at_both_ends(make_rig,
 
 @pytest.mark.skipif(not has_ipv6_loopback(), reason="this machine has no ::1")
 def test_an_ipv6_sinful_reaches_the_ipv6_endpoint(make_rig, endpoint):
-    rig = make_rig()
-    rig.start_server()
-    gm = endpoint(host="::1")
-    s, port = tunnel_session(rig, gm)  # the line names [::1]:PORT, as cut from the sinful
+    # the line names [::1]:PORT, as cut from the sinful
+    _rig, gm, s, port = linked_tunnel_session(make_rig, endpoint, host="::1")
     # The cluster side is still IPv4 loopback: the GridManager rewrites to 127.0.0.1:N.
     assert listeners_on(port) == ["0100007F"]
     size, seed = 4 * MB, seed_for("ipv6")
@@ -688,10 +673,7 @@ def test_the_tunnel_can_be_turned_off_with_RVGAHP_FT_TUNNEL(make_rig, endpoint):
 def test_another_uid_on_the_login_node_cannot_use_the_tunnel_port(make_rig, endpoint):
     if os.geteuid() != 0:
         pytest.skip("needs root to act as uid %d" % NOBODY)
-    rig = make_rig()
-    rig.start_server()
-    gm = endpoint()
-    s, port = tunnel_session(rig, gm)
+    rig, gm, s, port = linked_tunnel_session(make_rig, endpoint)
     outcome = connect_as(NOBODY, port, b"sink intruder\n")
     assert outcome in ("eof", "ECONNRESET"), "the connection from uid %d was not closed at once: %s" % (NOBODY, outcome)
     pattern = r"session \d+: tunnel: closed a connection from uid %d \(only uid %d may use it\)" % (NOBODY, os.getuid())
