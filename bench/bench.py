@@ -14,7 +14,9 @@ section, against that one sshd and one GAHP:
     burst       50 sessions started at once; submit-host memory per extra session
     rtt         the round trip of one small command, over 5 or more sessions: the median of
                 the per-session rvgahp/ssh ratios, and the CPU per round trip that the
-                relaying processes spent (from their own /proc/PID/stat)
+                relaying processes spent (from their own /proc/PID/stat); rvgahp under
+                both CPythons, each beside the floor: floor_relay.py, the least a framed
+                Python relay can do in the proxy's and the server's places
     throughput  download and upload against plain ssh, with the default cipher and with
                 aes128-gcm@openssh.com, and CPU per MB
     syscalls    syscalls per MB of a bulk transfer for the proxy and the server (strace -c)
@@ -71,6 +73,7 @@ WARMUP_SESSIONS = 2
 RT_WARMUP = 200
 SETTLE = 0.5  # pause between bursts, so one mode's teardown does not load the next
 GCM = "aes128-gcm@openssh.com"
+FLOOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "floor_relay.py")
 log = Progress("bench")
 
 
@@ -240,6 +243,43 @@ class Rvgahp(Mode):
             "ssh": [transport] if transport else [],
             "sshd": ancestors(proxy[0], self.rig.sshd.proc.pid) if proxy else [],
         }
+
+
+class Floor(Mode):
+    """bench/floor_relay.py in the proxy's and the server's places, one link per session: the
+    least CPU any Python relay there can spend, measured in the same run as rvgahp."""
+
+    rss_what = ""
+
+    def __init__(self, setup, which):
+        self.key, self.name = "floor-" + which, "floor relay %s" % setup.versions[which]
+        self.python = setup.pythons[which]
+        self.sshd = setup.sshd
+        self.gahp = setup.gahp
+        self.dir = os.path.join(setup.work, self.key)
+        os.makedirs(self.dir)
+        setup.ours.append(self.dir)
+        self.servers = {}  # sock path -> the floor server's Popen
+        setup.cleanup.callback(self.stop)
+
+    def argv(self):
+        sock = os.path.join(self.dir, "%d.sock" % len(self.servers))
+        argv = [self.python, FLOOR, "server", sock, self.gahp, "--"] + self.sshd.ssh_argv()
+        self.servers[sock] = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        return [self.python, FLOOR, "client", sock]
+
+    def relay_pids(self, session, gahp):
+        server = harness.parent_of(gahp)
+        sock = session.proc.args[-1]
+        proxy = [pid for pid in harness.pids_running(" proxy " + sock) if harness.cmdline(pid)[1:2] == [FLOOR]]
+        ssh = [pid for pid in harness.children_of(server) if pid != gahp]
+        return {"proxy": proxy, "server": [server], "ssh": ssh, "sshd": ancestors(proxy[0], self.sshd.proc.pid) if proxy else []}
+
+    def stop(self):
+        for server in self.servers.values():
+            if server.poll() is None:
+                server.terminate()
+            server.wait()
 
 
 # --------------------------------------------------------------------------- session start
@@ -761,23 +801,28 @@ def report_burst(results, modes):
 
 
 def report_rtt(results, modes, sessions, count):
+    def relays(key):
+        cpu = results.get(key, {}).get("cpu_us", {})
+        return cpu.get("proxy", 0.0) + cpu.get("server", 0.0) if "proxy" in cpu else None
+
     rows = []
     for m in modes:
         r = results[m.key]
-        relay = r["cpu_us"]
-        main = sum(relay.get(k, 0.0) for k in ("proxy", "server"))
+        floor = "floor-" + m.key.split("-")[1] if m.key.startswith("py-") else None
         rows.append(
             [
                 m.name,
                 "%.0f" % r["median_us"],
                 fmt(r.get("ratio_median"), "%.2fx"),
                 " ".join("%.2f" % x for x in r.get("ratios", [])) or "-",
-                "%.0f" % main if "proxy" in relay else "-",
-                cpu_text(relay, ("client", "proxy", "server", "ssh", "sshd")) or "-",
+                fmt(relays(m.key), "%.0f"),
+                ratio(relays(m.key), relays(floor)) if floor else "-",
+                cpu_text(r["cpu_us"], ("client", "proxy", "server", "ssh", "sshd")) or "-",
             ]
         )
     out = table(
-        ["mode", "median us", "ratio to ssh", "per-session ratios", "CPU us: proxy+server", "CPU us per round trip, by process"], rows
+        ["mode", "median us", "ratio to ssh", "per-session ratios", "CPU us: proxy+server", "x floor", "CPU us per round trip, by process"],
+        rows,
     )
     out += "\n  %d sessions per mode, %d round trips each (after %d to warm up), the modes taking turns in blocks." % (
         sessions,
@@ -786,6 +831,8 @@ def report_rtt(results, modes, sessions, count):
     )
     out += "\n  The ratio is the median over sessions of rvgahp/ssh within one session pair: a single session is a"
     out += "\n  coin flip on a 2-vCPU VM. CPU is utime+stime from /proc/PID/stat (10 ms ticks), over all round trips."
+    out += "\n  floor relay: bench/floor_relay.py in the proxy's and the server's places, under the same CPython: one"
+    out += "\n  epoll_wait, read and writev per hop and nothing else. x floor is rvgahp's proxy+server CPU over the floor's."
     return out
 
 
@@ -927,10 +974,11 @@ def targets(results):
             judge("%d at once, failures: %s" % (BURST, name), r.get("burst", {}).get("failures"), 0, "%d vs %d")
             judge("VmRSS per extra session: %s" % name, r.get("memory", {}).get("per_session_mb"), 15.0, "%.1f vs %.0f MB")
     for key, r in results.get("rtt", {}).items():
-        if key.startswith(("py-", "pyz-")) and "ratio_median" in r:
-            judge("round trip / ssh, median of sessions", r["ratio_median"], 1.15, "%.2fx vs %.2fx")
+        if key.startswith(("py-", "pyz-", "floor-")) and "ratio_median" in r:
+            name = r.get("name", key)
+            judge("round trip / ssh, median of sessions: %s" % name, r["ratio_median"], 1.15, "%.2fx vs %.2fx")
             cpu = r["cpu_us"]
-            judge("CPU per round trip, proxy + server", cpu.get("proxy", 0) + cpu.get("server", 0), 70, "%.0f vs %d us")
+            judge("CPU per round trip, proxy + server: %s" % name, cpu.get("proxy", 0) + cpu.get("server", 0), 70, "%.0f vs %d us")
     tp = results.get("throughput", {})
     for key, r in tp.items():
         if not key.startswith(("py-", "pyz-")):
@@ -1069,11 +1117,16 @@ def run(setup, args, results):
         section("%d sessions started at once (one already open); memory per extra session" % BURST, report_burst(figures, modes))
 
     def section_rtt():
-        modes = [direct, ssh, setup.mode("py")]
+        modes = [direct, ssh]
+        for which in ("new", "old"):
+            if which in setup.pythons:
+                modes += available([("py", which)]) + [Floor(setup, which)]
         sessions = args.sessions or (5 if quick else 7)
         count = 1000 if quick else 2000
         log("round trips: %d sessions per mode, %d each" % (sessions, count))
         results["rtt"] = rtt_figures(modes, "ssh", sessions, count)
+        for m in modes:
+            results["rtt"][m.key]["name"] = m.name
         section("round trip, ECHO hello -> S hello", report_rtt(results["rtt"], modes, sessions, count))
 
     def section_throughput():
