@@ -853,6 +853,7 @@ def report_throughput(results, modes, ratio_to):
         rows.append(cells)
     out = table(["mode", "down MB/s", "x ssh", "up MB/s", "x ssh", "down CPU us/MB", "up CPU us/MB"], rows)
     out += "\n  CPU us/MB: every relaying process (ssh, sshd; for rvgahp also client, proxy, server), not the GAHP."
+    out += "\n  floor relay: bench/floor_relay.py in rvgahp's proxy and server places, default cipher (see the rtt section)."
     for m in modes:
         for d in ("download", "upload"):
             cpu = results[m.key].get(d + "_cpu_us_per_mb")
@@ -981,16 +982,17 @@ def targets(results):
             judge("CPU per round trip, proxy + server: %s" % name, cpu.get("proxy", 0) + cpu.get("server", 0), 70, "%.0f vs %d us")
     tp = results.get("throughput", {})
     for key, r in tp.items():
-        if not key.startswith(("py-", "pyz-")):
+        if not key.startswith(("py-", "pyz-", "floor-")):
             continue
         gcm = key.endswith("-gcm")
+        name = r.get("name", key)
         for d in ("download", "upload"):
             value = r.get(d + "_mbps")
             ref = tp.get("ssh-gcm" if gcm else "ssh", {}).get(d + "_mbps")
-            judge("%s / ssh%s" % (d, ", both gcm" if gcm else ""), share(value, ref), 1.0, "%.2fx vs %.1fx", at_most=False)
+            judge("%s / ssh%s: %s" % (d, ", both gcm" if gcm else "", name), share(value, ref), 1.0, "%.2fx vs %.1fx", at_most=False)
             if gcm:
                 ref = tp.get("ssh", {}).get(d + "_mbps")
-                judge("%s, rvgahp gcm / ssh default" % d, share(value, ref), 1.0, "%.2fx vs %.1fx", at_most=False)
+                judge("%s, gcm / ssh default: %s" % (d, name), share(value, ref), 1.0, "%.2fx vs %.1fx", at_most=False)
     tn = results.get("tunnel", {})
     if "params" in tn:
         ssh_r, rv = tn.get("ssh_r", {}), tn.get("rvgahp", {})
@@ -1131,10 +1133,12 @@ def run(setup, args, results):
 
     def section_throughput():
         ssh_gcm = PlainSsh(setup.sshd, setup.gahp, "ssh-gcm", "plain ssh gcm", ["-o", "Ciphers=" + GCM])
-        modes = [direct, ssh, ssh_gcm, setup.mode("py"), setup.mode("py", gcm=True)]
+        modes = [direct, ssh, ssh_gcm, setup.mode("py"), setup.mode("py", gcm=True), Floor(setup, "new")]
         nbytes = (50 if quick else 200) * MB
         repeats = 3 if quick else 5
         results["throughput"] = throughput_figures(modes, nbytes, repeats)
+        for m in modes:
+            results["throughput"][m.key]["name"] = m.name
         section(
             "throughput, FLOOD/SINK %d MB, median of %d (1 MB = 10^6 bytes); gcm = ssh -o Ciphers=%s" % (nbytes // MB, repeats, GCM),
             report_throughput(results["throughput"], modes, "ssh"),

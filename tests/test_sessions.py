@@ -154,6 +154,60 @@ def test_fifty_sessions_start_at_once_and_all_work(rig):
             s.close()
 
 
+def pipe_size(path):
+    """The buffer size of the pipe at path (a /proc/PID/fd/N), read by a reader that never reads."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return fcntl.fcntl(fd, 1032)  # F_GETPIPE_SZ, named by fcntl from 3.10 on
+    finally:
+        os.close(fd)
+
+
+def pipe_sizes(pid):
+    """The buffer sizes of the pipes pid holds open."""
+    base = "/proc/%d/fd" % pid
+    paths = [os.path.join(base, name) for name in os.listdir(base)]
+    return [pipe_size(path) for path in paths if os.readlink(path).startswith("pipe:")]
+
+
+def test_the_link_runs_over_wide_pipes_at_both_ends(rig):
+    """Each read of the link takes more from a wide pipe, so a MB costs fewer wake-ups."""
+    s = rig.session("blahpd")
+    assert s.banner().startswith("$GahpVersion")
+    # The server's ssh holds the link's two pipes (under fds of its choosing) and its stderr.
+    fds = "/proc/%d/fd/" % rig.transport_pid()
+    link = {os.readlink(fds + n): fds + n for n in os.listdir(fds) if os.readlink(fds + n).startswith("pipe:")}
+    del link[os.readlink(fds + "2")]
+    assert sorted(pipe_size(path) for path in link.values()) == [rvgahp.PIPE_SIZE] * 2
+    assert pipe_sizes(rig.proxy_pid()).count(rvgahp.PIPE_SIZE) == 2  # its link, from sshd
+    assert s.finish() == (0, "")
+
+
+def test_the_first_gahps_get_wide_pipes_and_the_rest_keep_the_users_pipe_budget(rig):
+    """The kernel charges wide pipes to the user's pipe budget and, once a user is over
+    it, gives each new pipe of theirs one page: so only the first few GAHPs get them."""
+    share = rvgahp.wide_gahp_pipes()
+    if not share:
+        pytest.skip("this kernel has no per-user pipe budget to read")
+    sessions = [rig.session("blahpd") for _ in range(share + 2)]
+    try:
+        sizes = []
+        for s in sessions:
+            assert s.banner().startswith("$GahpVersion")
+            reply = s.command("PIPE_SIZES").split()
+            sizes.append((int(reply[1]), int(reply[2])))
+        wide = (rvgahp.PIPE_SIZE, rvgahp.PIPE_SIZE)
+        assert sizes[0] == wide
+        assert sizes.count(wide) <= share  # spares count too: never more than the share at once
+        assert rvgahp.PIPE_SIZE not in sizes[-1]
+        assert [s.finish() for s in sessions] == [(0, "")] * len(sessions)
+    finally:
+        for s in sessions:
+            s.close()
+
+
 def test_a_flooding_gahp_with_a_slow_reader_does_not_stall_another_session(rig):
     size = 40 * 1000 * 1000
     flood = rig.session("blahpd")

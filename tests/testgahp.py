@@ -19,6 +19,8 @@ each by byte count and sha256.
     CWD                    S and the working directory
     PID                    S and the process id
     FDS                    S and the open fds
+    PIPE_SIZES             S and the buffer sizes of the pipes on stdin and stdout
+                           (F_GETPIPE_SZ), or - for one that is not a pipe
     SIGNALS                S and the ignored and blocked signal masks the GAHP inherited
                            (hex, from /proc), as recorded by the `testgahp` sh wrapper
     STDERR words...        writes words to stderr, then S
@@ -62,7 +64,8 @@ import sys
 NAME = os.path.basename(sys.argv[0])
 BANNER = "$GahpVersion: 1.0.0 Nov 21 2026 rvgahp\\ test\\ gahp\\ (%s) $" % NAME
 COMMANDS = (
-    "COMMANDS VERSION ASYNC_MODE_ON BLAH_PING ECHO ARGV ENV CWD PID FDS SIGNALS STDERR FLOOD SINK CLOSE_STDOUT EXIT IGNORE_EOF QUIT"
+    "COMMANDS VERSION ASYNC_MODE_ON BLAH_PING ECHO ARGV ENV CWD PID FDS PIPE_SIZES SIGNALS STDERR FLOOD SINK CLOSE_STDOUT EXIT"
+    " IGNORE_EOF QUIT"
     " TCP_OPEN TCP_STATE TCP_WAIT TCP_REPORT TCP_DETACH"
 )
 SEED_BLOCK = 1 << 20
@@ -209,6 +212,15 @@ def hold_detached(args):
     return 0
 
 
+def pipe_size(fd):
+    import fcntl
+
+    try:
+        return str(fcntl.fcntl(fd, 1032))  # F_GETPIPE_SZ, named by fcntl from 3.10 on
+    except OSError:
+        return "-"
+
+
 def main():
     out = os.fdopen(1, "wb", buffering=0)
     inp = os.fdopen(0, "rb", buffering=0)
@@ -258,6 +270,8 @@ def main():
                 say("S " + os.getcwd())
             elif cmd == "FDS":
                 say("S " + " ".join(str(fd) for fd in open_fds()))
+            elif cmd == "PIPE_SIZES":
+                say("S %s %s" % (pipe_size(0), pipe_size(1)))
             elif cmd == "SIGNALS":
                 ignored = os.environ.get("TESTGAHP_SIGIGN", "unknown")
                 blocked = os.environ.get("TESTGAHP_SIGBLK", "unknown")
