@@ -1100,7 +1100,8 @@ def close_fds(fds):
 # third less CPU per MB in the proxy and the server together. The kernel counts widened
 # pipes against a per-user budget (fs.pipe-user-pages-soft, 64 MiB by default), and
 # gives every new pipe of a user over it a single page, so rvgahp widens the link's two
-# pipes always and a GAHP's two only while few GAHPs run (wide_gahp_pipes).
+# pipes always, and a session's two (a GAHP's on the server, the GridManager's on the
+# proxy) only while few sessions run (wide_pipe_sessions).
 F_SETPIPE_SZ = 1031  # fcntl names it from Python 3.10 on
 
 
@@ -1114,8 +1115,8 @@ def widen_pipe(fd):
         pass  # EPERM: over the user's budget or pipe-max-size; EBADF: not a pipe (a socket)
 
 
-def wide_gahp_pipes():
-    """How many GAHPs at once get widened pipes: their share is a quarter of the budget."""
+def wide_pipe_sessions():
+    """How many sessions at once get widened pipes: their share is a quarter of the budget."""
     try:
         with open("/proc/sys/fs/pipe-user-pages-soft") as f:
             pages = int(f.read())
@@ -1847,7 +1848,7 @@ class Server:
         self.history = []  # (start, "up" | "failed") of logins in the last hour, for status
         self.children = {}  # pid -> Child, until reaped
         self.sessions = {}  # pid -> ServerSession, until the process is reaped
-        self.wide_gahp_pipes = wide_gahp_pipes()
+        self.wide_pipe_sessions = wide_pipe_sessions()
         self.spares = {}  # GAHP argv -> Spare: started ahead, for the next session of its kind
         self.next_tunnel_cid = 0
         self.tcp_owner_note = False  # said once that tunnel peers cannot be checked here
@@ -2202,7 +2203,7 @@ class Server:
         except UserError:
             close_fd(stderr_fd)
             raise
-        if len(self.sessions) + len(self.spares) < self.wide_gahp_pipes:
+        if len(self.sessions) + len(self.spares) < self.wide_pipe_sessions:
             widen_pipe(stdin_w)
             widen_pipe(stdout_r)
         try:
@@ -2662,6 +2663,7 @@ class Proxy:
         self.standby = False
         self.waiting = []  # sessions that arrived before the server's hello
         self.sessions = {}  # cid -> ProxySession, until released
+        self.wide_pipe_sessions = wide_pipe_sessions()
         self.clients = set()
         self.draining = set()  # sessions whose GAHP has ended, still writing its last output
         self.next_cid = 0
@@ -2860,6 +2862,9 @@ class Proxy:
             return
         cid = self._new_cid()
         self.sessions_total += 1
+        if len(self.sessions) < self.wide_pipe_sessions:
+            widen_pipe(fds[0])  # the GridManager's pipes (files and sockets stay as they are)
+            widen_pipe(fds[1])
         session = ProxySession(self, cid, conn, gahp, fds[0], fds[1], tunnel_address(fields))
         conn.session = session
         self.link.channels[cid] = self.sessions[cid] = session

@@ -472,10 +472,11 @@ def test_a_peer_that_writes_but_never_reads_is_dead_at_the_ping_timeout(bare_pro
     stop = threading.Event()
 
     def chatter():
-        # Small, legal PINGs: enough PONGs to fill the pipe nobody reads, then a steady
-        # trickle so that the peer is never silent.
+        # Small, legal PINGs: enough PONGs to fill the pipe nobody reads (the proxy widens
+        # its link's pipes) and then some, then a steady trickle so that the peer is
+        # never silent.
         small = rvgahp.frame(rvgahp.PING, 0, b"x" * 64)
-        if not proxy.send(small * 4000):
+        if not proxy.send(small * (2 * rvgahp.PIPE_SIZE // len(small))):
             return
         while not stop.wait(0.1):
             if not proxy.send(small):

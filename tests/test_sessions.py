@@ -165,43 +165,50 @@ def pipe_size(path):
         os.close(fd)
 
 
-def pipe_sizes(pid):
-    """The buffer sizes of the pipes pid holds open."""
-    base = "/proc/%d/fd" % pid
-    paths = [os.path.join(base, name) for name in os.listdir(base)]
-    return [pipe_size(path) for path in paths if os.readlink(path).startswith("pipe:")]
+def link_pipes(parent, child):
+    """/proc paths, in child, of the pipes that parent and child share, but child's stderr:
+    the link's two, for the server and its ssh, or for the proxy's sshd and the proxy."""
+
+    def pipes(pid):
+        base = "/proc/%d/fd/" % pid
+        return {os.readlink(base + name): base + name for name in os.listdir(base) if os.readlink(base + name).startswith("pipe:")}
+
+    shared = pipes(child)
+    del shared[os.readlink("/proc/%d/fd/2" % child)]
+    return [path for inode, path in shared.items() if inode in pipes(parent)]
 
 
 def test_the_link_runs_over_wide_pipes_at_both_ends(rig):
     """Each read of the link takes more from a wide pipe, so a MB costs fewer wake-ups."""
-    s = rig.session("blahpd")
-    assert s.banner().startswith("$GahpVersion")
-    # The server's ssh holds the link's two pipes (under fds of its choosing) and its stderr.
-    fds = "/proc/%d/fd/" % rig.transport_pid()
-    link = {os.readlink(fds + n): fds + n for n in os.listdir(fds) if os.readlink(fds + n).startswith("pipe:")}
-    del link[os.readlink(fds + "2")]
-    assert sorted(pipe_size(path) for path in link.values()) == [rvgahp.PIPE_SIZE] * 2
-    assert pipe_sizes(rig.proxy_pid()).count(rvgahp.PIPE_SIZE) == 2  # its link, from sshd
-    assert s.finish() == (0, "")
+    for parent, child in ((rig.server.pid, rig.transport_pid()), (rig.sshd_session_pid(), rig.proxy_pid())):
+        assert sorted(pipe_size(path) for path in link_pipes(parent, child)) == [rvgahp.PIPE_SIZE] * 2
 
 
-def test_the_first_gahps_get_wide_pipes_and_the_rest_keep_the_users_pipe_budget(rig):
+def test_the_first_sessions_get_wide_pipes_and_the_rest_keep_the_users_pipe_budget(rig):
     """The kernel charges wide pipes to the user's pipe budget and, once a user is over
-    it, gives each new pipe of theirs one page: so only the first few GAHPs get them."""
-    share = rvgahp.wide_gahp_pipes()
+    it, gives each new pipe of theirs one page: so only the first few sessions get them,
+    at both ends: the GAHP's pipes on the server, the GridManager's on the proxy."""
+    import fcntl
+
+    share = rvgahp.wide_pipe_sessions()
     if not share:
         pytest.skip("this kernel has no per-user pipe budget to read")
-    sessions = [rig.session("blahpd") for _ in range(share + 2)]
+    sessions = [rig.session("blahpd")]
     try:
-        sizes = []
-        for s in sessions:
+        assert sessions[0].banner().startswith("$GahpVersion")  # alone: it must get wide pipes
+        sessions += [rig.session("blahpd") for _ in range(share + 1)]  # they arrive in any order
+        gahp_sides, gridmanager_sides = [], []
+        for s in sessions[1:]:
             assert s.banner().startswith("$GahpVersion")
+        for s in sessions:
             reply = s.command("PIPE_SIZES").split()
-            sizes.append((int(reply[1]), int(reply[2])))
+            gahp_sides.append((int(reply[1]), int(reply[2])))
+            gridmanager_sides.append(tuple(fcntl.fcntl(f.fileno(), 1032) for f in (s.proc.stdin, s.proc.stdout)))
         wide = (rvgahp.PIPE_SIZE, rvgahp.PIPE_SIZE)
-        assert sizes[0] == wide
-        assert sizes.count(wide) <= share  # spares count too: never more than the share at once
-        assert rvgahp.PIPE_SIZE not in sizes[-1]
+        for sizes in (gahp_sides, gridmanager_sides):
+            assert sizes[0] == wide
+            assert sizes.count(wide) <= share  # on the server, spares count too
+            assert len([size for size in sizes if rvgahp.PIPE_SIZE not in size]) >= 2
         assert [s.finish() for s in sessions] == [(0, "")] * len(sessions)
     finally:
         for s in sessions:
