@@ -556,10 +556,7 @@ class FrameReader:
                 else:
                     self.need = stop - offset
                 break
-            if kind == DATA and length >= self.VIEW_AT:
-                frames.append((kind, channel, memoryview(data)[start:stop]))
-            else:
-                frames.append((kind, channel, data[start:stop]))
+            frames.append((kind, channel, self._payload(data, start, stop) if kind == DATA else data[start:stop]))
             offset = stop
         else:
             self.need = HEADER.size
