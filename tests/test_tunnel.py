@@ -378,6 +378,13 @@ def listeners_on(port):
     return found
 
 
+def connecting_to(port):
+    """Whether a TCP socket here is still waiting for the answer to its SYN to port."""
+    with open("/proc/net/tcp") as f:
+        next(f)
+        return any(fields[3] == "02" and int(fields[2].split(":")[1], 16) == port for fields in (line.split() for line in f))
+
+
 def connect_refused(port):
     try:
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
@@ -516,6 +523,25 @@ def test_a_refusing_endpoint_closes_that_connection_and_the_session_goes_on(make
     s.tcp("TCP_OPEN after %d %d %d send sink after" % (port, size, seed))
     assert s.tcp_wait("after").sent == size
     assert gm.wait_seen("after") == Seen("sink", size, testgahp.seeded_digest(seed, size), "eof", 0)
+    finish_clean(s)
+
+
+def test_an_endpoint_that_answers_the_connect_late_still_gets_every_byte(make_rig, endpoint):
+    # A GridManager on another host answers a connect a network round trip later, and the
+    # proxy must wait for that without holding up anything else. Here the endpoint's queue
+    # of unaccepted connections is full, so its kernel drops the proxy's SYN until the
+    # queue frees and TCP sends the SYN again, a second later.
+    _rig, gm, s, port = linked_tunnel_session(make_rig, endpoint, listen=False)
+    gm.sock.listen(0)
+    filler = socket.create_connection(("127.0.0.1", gm.port), timeout=WAIT)  # the one queued connection
+    size, seed = 1 * MB, seed_for("late")
+    s.tcp("TCP_OPEN late %d %d %d send sink late" % (port, size, seed))
+    harness.wait_for(lambda: connecting_to(gm.port), WAIT, what="the proxy's connect to wait for the endpoint")
+    assert s.command("ECHO meanwhile") == "S meanwhile"
+    gm.listen()  # accepts the queued one, and the SYN's next try gets through
+    filler.close()
+    assert s.tcp_wait("late").sent == size
+    assert gm.wait_seen("late") == Seen("sink", size, testgahp.seeded_digest(seed, size), "eof", 0)
     finish_clean(s)
 
 
