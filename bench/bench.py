@@ -20,7 +20,8 @@ section, against that one sshd and one GAHP:
     throughput  download and upload against plain ssh, with the default cipher and with
                 aes128-gcm@openssh.com, and CPU per MB
     syscalls    syscalls per MB of a bulk transfer for the proxy and the server (strace -c)
-    tunnel      the file-transfer tunnel against `ssh -R` (bench/tunnel.py)
+    tunnel      the file-transfer tunnel against `ssh -R`, beside floor_relay.py's tunnel
+                (bench/tunnel.py)
 
 Timings are printed, never asserted; a targets table at the end says PASS or MISS. The
 machine is shared and noisy: every figure is a median or a ratio within one run, and the
@@ -888,8 +889,8 @@ def report_syscalls(results):
 
 def report_tunnel(results):
     p = results["params"]
-    keys = [k for k in ("ssh_r", "rvgahp", "ssh_r_gcm", "rvgahp_gcm") if k in results]
-    reference = {"rvgahp": "ssh_r", "rvgahp_gcm": "ssh_r_gcm"}  # the same cipher
+    keys = [k for k in ("ssh_r", "rvgahp", "floor", "ssh_r_gcm", "rvgahp_gcm") if k in results]
+    reference = {"rvgahp": "ssh_r", "floor": "ssh_r", "rvgahp_gcm": "ssh_r_gcm"}  # the same cipher
     rows = []
     for name, label in (
         ("down_1", "1 stream, download"),
@@ -929,6 +930,8 @@ def report_tunnel(results):
     )
     out += "\n  CPU: the relaying processes (ssh -R: ssh and sshd; rvgahp: proxy, server, transport ssh, sshd)."
     out += "\n  Ratios: rvgahp against ssh -R with the same cipher; gcm = -o Ciphers=%s, as rvgahp's transport is shipped." % GCM
+    out += "\n  floor relay: bench/floor_relay.py's tunnel in rvgahp's proxy and server places, default cipher: per hop"
+    out += "\n  one epoll_wait, read and write, no owner check, credit or limits; the least any Python relay there costs."
     for k in keys:
         for name in ("down_1", "up_1", "down_%d" % p["parallel"], "up_%d" % p["parallel"]):
             cpu = results[k].get(name + "_cpu_us_per_mb")
@@ -1004,8 +1007,16 @@ def targets(results):
                 judge("tunnel %s / ssh -R, both gcm" % name, figure, 0.9, "%.2fx vs %.1fx", at_most=False)
                 figure = share(tn["rvgahp_gcm"].get(name + "_mbps"), ssh_r.get(name + "_mbps"))
                 judge("tunnel %s, rvgahp gcm / ssh -R default" % name, figure, 0.9, "%.2fx vs %.1fx", at_most=False)
-        value, ref = (rv.get("setup_ms") or {}).get("median"), (ssh_r.get("setup_ms") or {}).get("median")
-        judge("tunnel connection setup vs ssh -R, median", value, ref, "%.2f vs %.2f ms")
+        floor = tn.get("floor")
+        if floor is not None:
+            for name in ("down_1", "up_1", "down_%d" % tn["params"]["parallel"], "up_%d" % tn["params"]["parallel"]):
+                figure = share(floor.get(name + "_mbps"), ssh_r.get(name + "_mbps"))
+                judge("tunnel %s / ssh -R: floor relay" % name, figure, 0.9, "%.2fx vs %.1fx", at_most=False)
+        ref = (ssh_r.get("setup_ms") or {}).get("median")
+        for key, label in (("rvgahp", ""), ("floor", ": floor relay")):
+            if key in tn:
+                value = (tn[key].get("setup_ms") or {}).get("median")
+                judge("tunnel connection setup vs ssh -R, median%s" % label, value, ref, "%.2f vs %.2f ms")
     width = max([len(r[0]) for r in rows] + [10])
     return "\n".join("%s  %s  %s" % (name.ljust(width), figure.rjust(18), verdict) for name, figure, verdict in rows)
 
@@ -1162,6 +1173,7 @@ def run(setup, args, results):
             connections=100 if quick else 300,
             gcm_rig=setup.mode("py", gcm=True).rig,
             gcm=GCM,
+            floor_python=setup.pythons["new"],
         )
         section("file-transfer tunnel: rvgahp vs ssh -R, same sshd, same endpoint", report_tunnel(results["tunnel"]))
 

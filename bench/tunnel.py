@@ -8,6 +8,8 @@ sshd, in one run, taking turns:
                prints `Allocated port N for remote forward to 127.0.0.1:ENDPOINT`
     rvgahp     an rvgahp_client for condor_ft-gahp with CONDOR_INHERIT naming the endpoint;
                it prints the same line, and N is a port on the cluster's 127.0.0.1
+    floor      bench/floor_relay.py's tunnel in rvgahp's proxy and server places: the
+               least any framed Python relay there costs, on the same path as rvgahp
 
 The "cluster" is this machine, so this process connects to 127.0.0.1:N itself; the GAHP
 session only has to stay open. The figures: one stream and 8 parallel streams each way
@@ -26,6 +28,8 @@ import threading
 import time
 
 from benchlib import MB, Strace, ancestors, cpu_seconds, harness, summary
+
+FLOOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "floor_relay.py")
 
 ALLOCATED = re.compile(rb"Allocated port (\d+) for remote forward to (\S+)")
 CHUNK = 1 << 20
@@ -178,6 +182,35 @@ class RvgahpForward:
             self.session.close()
 
 
+class FloorForward:
+    """bench/floor_relay.py's tunnel in rvgahp's places: the least a Python relay there costs."""
+
+    key, name = "floor", "floor relay"
+
+    def __init__(self, sshd, endpoint_port, python):
+        self.sshd = sshd
+        target = "127.0.0.1:%d" % endpoint_port
+        argv = [python, FLOOR, "tunnel-server", target, "--"] + sshd.ssh_argv()
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.port, _ = read_allocated_port(self.proc.stderr.fileno(), 20, "floor_relay.py tunnel-server")
+        self.target = target
+
+    def relay_pids(self):
+        proxy = [pid for pid in harness.pids_running("tunnel-proxy " + self.target) if harness.cmdline(pid)[1:2] == [FLOOR]]
+        return {
+            "proxy": proxy,
+            "server": [self.proc.pid],
+            "ssh": harness.children_of(self.proc.pid),
+            "sshd": ancestors(proxy[0], self.sshd.proc.pid) if proxy else [],
+        }
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait()
+        self.proc.stderr.close()
+
+
 def tunnel_available(path):
     with open(path, "rb") as f:
         return b"Allocated port" in f.read()
@@ -250,11 +283,12 @@ def setup_once(port):
 # --------------------------------------------------------------------------- the section
 
 
-def measure(sshd, rig, rvgahp, log, nbytes=256 * MB, repeats=3, parallel=8, connections=200, gcm_rig=None, gcm=None):
+def measure(sshd, rig, rvgahp, log, nbytes=256 * MB, repeats=3, parallel=8, connections=200, gcm_rig=None, gcm=None, floor_python=None):
     """{key: figures} for ssh -R and rvgahp's tunnel, taking turns; errors are figures too.
 
     With gcm_rig (an rvgahp whose transport has `-o Ciphers=gcm`), also both with that
-    cipher: rvgahp as its transport is shipped, and ssh -R with the same cipher."""
+    cipher: rvgahp as its transport is shipped, and ssh -R with the same cipher. With
+    floor_python, also floor_relay.py's tunnel under it, with the default cipher."""
     endpoint = Endpoint()
     forwards = []
     results = {}
@@ -265,6 +299,8 @@ def measure(sshd, rig, rvgahp, log, nbytes=256 * MB, repeats=3, parallel=8, conn
             gcm_options = ["-o", "Ciphers=" + gcm]
             wanted.append((SshForward, (sshd, endpoint.port), {"options": gcm_options, "key": "ssh_r_gcm", "name": "ssh -R gcm"}))
             wanted.append((RvgahpForward, (gcm_rig, endpoint.port), {"key": "rvgahp_gcm", "name": "rvgahp tunnel gcm"}))
+        if floor_python is not None:
+            wanted.append((FloorForward, (sshd, endpoint.port, floor_python), {}))
         for kind, args, kw in wanted:
             key = kw.get("key", kind.key)
             results[key] = {"name": kw.get("name", kind.name)}
