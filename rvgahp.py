@@ -32,7 +32,8 @@ Where things are, in reading order:
                      Channel: one stream pair (a session or a tunnel connection), with credit
   event-loop pieces  fd helpers, Poller and Loop, Outbox, LineReader, spawn, Child, Backoff
   the server         Layout, Server, Spare, ServerSession
-  the tunnel         TunnelListener (cluster side), TunnelConn (both sides)
+  the tunnel         TunnelListener (cluster side) and its owner check (SockDiag),
+                     TunnelConn (both sides)
   the proxy          Proxy, ClientConn, ProxySession
   the client         argv, Handoff, the owner check, run_client, the Allocated line,
                      the waiting shell, --status
@@ -2461,16 +2462,6 @@ class TunnelListener:
             conn.abort("its session ended")
 
 
-def is_connected(sock):
-    """Whether a non-blocking connect has completed: it often has by the time connect()
-    returns, when the other end is on this host."""
-    try:
-        sock.getpeername()
-    except OSError:
-        return False  # still under way, or failed: the wait for writable tells which
-    return True
-
-
 def tcp_peer_uid(peer, local, sock_diag):
     """The uid owning the TCP socket at `peer` that is connected to our `local`; -1 if no
     such socket is found (it closed already, or only a TIME_WAIT entry is left: not
@@ -2563,6 +2554,16 @@ class SockDiag:
         if kind != SOCK_DIAG_BY_FAMILY or len(reply) < INET_DIAG_UID_AT + 4:
             raise OSError(errno.EPROTO, "an unexpected sock_diag reply")
         return struct.unpack_from("=I", reply, INET_DIAG_UID_AT)[0]
+
+
+def is_connected(sock):
+    """Whether a non-blocking connect has completed: it often has by the time connect()
+    returns, when the other end is on this host."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False  # still under way, or failed: the wait for writable tells which
+    return True
 
 
 class TunnelConn(Channel):
