@@ -1415,9 +1415,10 @@ class Outbox:
     """Buffered non-blocking writes to one fd, in the order given.
 
     Writes straight through while nothing is queued; after a short write, queues the
-    rest and asks the loop for writability; lets go of it once drained. on_written(n)
-    reports bytes that actually left, which is what flow control counts. It never
-    closes the fd.
+    rest and asks the loop for writability; lets go of it once drained. The rest of a
+    chunk that went out in part is kept as a memoryview: slicing bytes would copy up to
+    a whole read, and a busy link writes in part often. on_written(n) reports bytes that
+    actually left, which is what flow control counts. It never closes the fd.
     """
 
     # slots: see FrameReader
@@ -1469,7 +1470,7 @@ class Outbox:
                 if skip >= len(chunk):
                     skip -= len(chunk)
                     continue
-                self.queue.append(chunk[skip:] if skip else chunk)
+                self.queue.append(memoryview(chunk)[skip:] if skip else chunk)
                 skip = 0
             self.size = total - n
             self.waiting_since = time.monotonic()
@@ -1493,7 +1494,7 @@ class Outbox:
                 queue.popleft()
                 left -= len(head)
             else:
-                queue[0] = head[left:]
+                queue[0] = memoryview(head)[left:]
                 left = 0
         self.size -= n
         self.written_total += n
