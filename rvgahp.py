@@ -65,7 +65,10 @@ PIPE_SIZE = 1024 * 1024  # what a widened pipe holds (see widen_pipe)
 MAX_PAYLOAD = 256 * 1024  # a larger frame is a protocol error, not a big allocation
 MAX_PING_PAYLOAD = 64  # a PING carries a timestamp; more is a peer trying to make us queue
 CHANNEL_WINDOW = 512 * 1024  # bytes a sender may have in flight per channel direction
-GRANT_AT = CHANNEL_WINDOW // 4  # return credit in batches, not per write
+# ...and per tunnel connection, where both ends know the feature "wide_tunnel". One file
+# transfer must keep the whole path through ssh busy, and 512 KiB in flight could not:
+# with 2 MiB, one stream moved 1.3-1.8x as fast (see tunnel_window).
+TUNNEL_WINDOW = 2 * 1024 * 1024
 LINK_HIGH_WATER = 2 * 1024 * 1024  # stop reading sources while the link is this backed up
 LINK_LOW_WATER = 512 * 1024  # ...and resume once it has drained to here
 MAX_FIELDS = 4096  # a hello, a request, a reply
@@ -441,7 +444,7 @@ SESSION_FRAMES = frozenset((ACCEPT, REFUSE, DATA, EOF, CLOSE, WINDOW))  # those 
 
 # What this rvgahp can do beyond link protocol 1, said in the hello. A feature is used
 # only when both ends name it, so either host's rvgahp.pyz can be the older one.
-FEATURES = ("tunnel",)
+FEATURES = ("tunnel", "wide_tunnel")
 
 # What a client and the proxy on the same host must agree on (the requests, and what
 # follows ACCEPT). A new rvgahp.pyz on the submit host meets the old proxy of a link
@@ -858,12 +861,12 @@ class Channel:
 
     # slots: see FrameReader
     __slots__ = (
-        "_on_source", "cid", "credit", "held", "held_size", "inflight", "link", "log", "loop",
-        "reading", "received", "relaying", "released", "sent", "sink", "sink_done", "sink_fd",
-        "source_done", "source_fd", "started", "ungranted",
+        "_on_source", "cid", "credit", "grant_at", "held", "held_size", "inflight", "link", "log",
+        "loop", "reading", "received", "relaying", "released", "sent", "sink", "sink_done", "sink_fd",
+        "source_done", "source_fd", "started", "ungranted", "window",
     )  # fmt: skip
 
-    def __init__(self, link, cid, source_fd, sink_fd):
+    def __init__(self, link, cid, source_fd, sink_fd, window=CHANNEL_WINDOW):
         self.link = link
         self.loop = link.loop
         self.log = link.log
@@ -871,7 +874,9 @@ class Channel:
         self.source_fd = source_fd
         self.sink_fd = sink_fd
         self.sink = Outbox(self.loop, sink_fd, on_written=self._sink_took, on_gone=self._sink_gone)
-        self.credit = CHANNEL_WINDOW
+        self.window = window  # both ends use the same for a channel, each way
+        self.grant_at = window // 4  # credit goes back in batches, not per write
+        self.credit = window
         self.inflight = 0  # received, not yet written to the sink
         self.ungranted = 0  # written to the sink, credit not yet returned
         self.reading = False
@@ -941,13 +946,13 @@ class Channel:
     def on_frame(self, kind, payload):
         if self.held is not None and kind in (DATA, EOF):
             self.held_size += len(payload)
-            if self.held_size > CHANNEL_WINDOW:
+            if self.held_size > self.window:
                 raise ProtocolError("channel %d overran its window" % self.cid)
             self.held.append((kind, payload))
             return
         if kind == DATA:
             n = len(payload)
-            if self.inflight + self.ungranted + n > CHANNEL_WINDOW:
+            if self.inflight + self.ungranted + n > self.window:
                 raise ProtocolError("channel %d overran its window" % self.cid)
             self.inflight += n
             self.received += n
@@ -970,7 +975,7 @@ class Channel:
     def _sink_took(self, n):
         self.inflight -= n
         self.ungranted += n
-        if self.ungranted >= GRANT_AT and not self.released:
+        if self.ungranted >= self.grant_at and not self.released:
             self.link.send(WINDOW, self.cid, COUNT.pack(self.ungranted))
             self.ungranted = 0
 
@@ -2567,6 +2572,12 @@ def is_connected(sock):
     return True
 
 
+def tunnel_window(link):
+    """What a tunnel connection may have in flight each way: TUNNEL_WINDOW where the peer
+    knows it too, else the window every rvgahp with the tunnel uses."""
+    return TUNNEL_WINDOW if "wide_tunnel" in link.features else CHANNEL_WINDOW
+
+
 class TunnelConn(Channel):
     """One TCP connection through the tunnel: the same class at both ends.
 
@@ -2576,7 +2587,7 @@ class TunnelConn(Channel):
     """
 
     def __init__(self, link, cid, sock, session, registry):
-        Channel.__init__(self, link, cid, sock.fileno(), sock.fileno())
+        Channel.__init__(self, link, cid, sock.fileno(), sock.fileno(), tunnel_window(link))
         self.sock = sock
         self.session = session
         self.registry = registry  # the session's table of its connections
@@ -2948,6 +2959,7 @@ class Proxy:
                 "rtt_ms": None if link.rtt is None else round(link.rtt * 1000, 3),
                 "ping_interval": link.ping_interval,
                 "ping_timeout": link.ping_timeout,
+                "features": sorted(link.features.intersection(FEATURES)),  # what both ends use
             },
             "server": {
                 "pid": peer.get("pid", "?"),
@@ -3894,6 +3906,8 @@ def status_report(status):
         )
     else:
         link_line = link["state"] + ("" if link["state"] == "standby" else ": waiting for the server's hello")
+    if link["state"] in ("up", "silent") and "features" in link:  # an older proxy does not say
+        link_line += "; features: %s" % (", ".join(link["features"]) or "none")
     logins = "; logins in the last hour: %s, %s failed" % (server["logins_1h"], server["failed_logins_1h"])
     rtt = "not yet measured" if link["rtt_ms"] is None else "%.1f ms" % link["rtt_ms"]
     lines = [

@@ -13,6 +13,7 @@ by its sha256 at the far end, never by eye.
 """
 
 import collections
+import contextlib
 import encodings.idna  # noqa: F401  (a uid-nobody child resolves "127.0.0.1" with it, and can't import it)
 import hashlib
 import json
@@ -750,40 +751,68 @@ def connect_as(uid, port, first):
         os.waitpid(pid, 0)
 
 
+@contextlib.contextmanager
+def rig_with_an_older_side(make_rig, default_flavor, older, commit):
+    """A linked rig whose `older` side runs rvgahp.py as of commit; the other side, and
+    every client, run this one. It is how a site looks while one host is upgraded."""
+    old_dir = harness.short_tempdir("old")
+    old = os.path.join(old_dir, "old_rvgahp.py")
+    with open(old, "wb") as f:
+        f.write(subprocess.check_output(["git", "-C", harness.REPO, "show", "%s:rvgahp.py" % commit]))
+    old_flavor = harness.Flavor("old", sys.executable, old)
+    try:
+        rig = make_rig()
+        rig.flavor = old_flavor
+        if older == "rvgahp_proxy":
+            rig.write_transport()  # the transport runs the old proxy; the server is new
+            rig.flavor = default_flavor
+        rig.start_server()
+        yield rig
+    finally:
+        shutil.rmtree(old_flavor.bin, ignore_errors=True)
+        shutil.rmtree(old_dir, ignore_errors=True)
+
+
 @pytest.mark.parametrize("older", ["rvgahp_server", "rvgahp_proxy"])
 def test_an_older_peer_without_the_tunnel_is_named_and_transfers_go_direct(make_rig, endpoint, default_flavor, older):
-    # One host still runs the previous release (49c15b0); the client is always the new one.
-    old_dir = harness.short_tempdir("old")
-    try:
-        old = os.path.join(old_dir, "old_rvgahp.py")
-        with open(old, "wb") as f:
-            f.write(subprocess.check_output(["git", "-C", harness.REPO, "show", "49c15b0:rvgahp.py"]))
-        old_flavor = harness.Flavor("old", sys.executable, old)
-        try:
-            rig = make_rig()
-            rig.flavor = old_flavor
-            if older == "rvgahp_proxy":
-                rig.write_transport()  # the transport runs the old proxy; the server is new
-                rig.flavor = default_flavor
-            rig.start_server()
-            gm = endpoint()
-            s = start_ft(rig, gm.condor_inherit(), argv=default_flavor.argv("client", rig.sock, "condor_ft-gahp"))
-            assert s.command("ECHO works") == "S works"
-            status, err = s.finish(WAIT)
-            assert status == 0, err
-            assert not s.allocated_lines(err), err
-            lines = err.splitlines()
-            assert len(lines) == 1, "want one warning line, got %r" % err
-            # One line that names the older side and says what it means for the transfers.
-            assert lines[0].startswith("rvgahp_client: warning: "), err
-            assert "no file-transfer tunnel" in lines[0] and older in lines[0] and WARNING_DIRECT in lines[0], err
-            # The new side's log says so too, once per link.
-            new_log = harness.read_text(rig.proxy_log) if older == "rvgahp_server" else rig.log_text()
-            assert new_log.count("%s (rvgahp " % older) == 1 and "has no file-transfer tunnel" in new_log, new_log
-        finally:
-            shutil.rmtree(old_flavor.bin, ignore_errors=True)
-    finally:
-        shutil.rmtree(old_dir, ignore_errors=True)
+    # One host still runs the release before the tunnel (49c15b0).
+    with rig_with_an_older_side(make_rig, default_flavor, older, "49c15b0") as rig:
+        gm = endpoint()
+        s = start_ft(rig, gm.condor_inherit(), argv=default_flavor.argv("client", rig.sock, "condor_ft-gahp"))
+        assert s.command("ECHO works") == "S works"
+        status, err = s.finish(WAIT)
+        assert status == 0, err
+        assert not s.allocated_lines(err), err
+        lines = err.splitlines()
+        assert len(lines) == 1, "want one warning line, got %r" % err
+        # One line that names the older side and says what it means for the transfers.
+        assert lines[0].startswith("rvgahp_client: warning: "), err
+        assert "no file-transfer tunnel" in lines[0] and older in lines[0] and WARNING_DIRECT in lines[0], err
+        # The new side's log says so too, once per link.
+        new_log = harness.read_text(rig.proxy_log) if older == "rvgahp_server" else rig.log_text()
+        assert new_log.count("%s (rvgahp " % older) == 1 and "has no file-transfer tunnel" in new_log, new_log
+
+
+@pytest.mark.parametrize("older", ["rvgahp_server", "rvgahp_proxy"])
+def test_an_older_peer_with_the_narrow_tunnel_window_still_carries_large_transfers(make_rig, endpoint, default_flavor, older):
+    # 33d9199 has the tunnel with 512 KiB windows and no "wide_tunnel". Were this side to
+    # send 2 MiB ahead regardless, the older side would take it for a protocol error and
+    # drop the link: so each way carries more than both windows, and is checked by digest.
+    with rig_with_an_older_side(make_rig, default_flavor, older, "33d9199") as rig:
+        gm = endpoint()
+        s, port = tunnel_session(rig, gm)
+        up, up_seed = 8 * MB, seed_for("narrow-up")
+        down, down_seed = 8 * MB, seed_for("narrow-down")
+        s.tcp("TCP_OPEN up %d %d %d send sink up" % (port, up, up_seed))
+        s.tcp("TCP_OPEN down %d 0 0 recv source down %d %d" % (port, down, down_seed))
+        assert gm.wait_seen("up") == Seen("sink", up, testgahp.seeded_digest(up_seed, up), "eof", 0)
+        assert s.tcp_wait("up", 120).sent == up
+        assert s.tcp_wait("down", 120) == Result(0, down, testgahp.seeded_digest(down_seed, down), "eof", "done")
+        finish_clean(s)
+        assert "protocol error" not in rig.log_text() + harness.read_text(rig.proxy_log)
+        if older == "rvgahp_server":  # the new proxy says what the two ends agreed on
+            status = json.loads(subprocess.check_output(default_flavor.argv("client", "--status", "--json", rig.sock)))
+            assert status["link"]["features"] == ["tunnel"], status["link"]
 
 
 # --------------------------------------------------------------------------- every interpreter, once

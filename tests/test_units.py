@@ -2,6 +2,7 @@
 
 import os
 import random
+import socket
 import struct
 import sys
 
@@ -554,6 +555,39 @@ def test_an_outbox_that_writes_in_part_delivers_every_byte_in_order():
     box.detach()
     os.close(r)
     os.close(w)
+
+
+@pytest.mark.parametrize(
+    "peer_features, window",
+    [("tunnel", rvgahp.CHANNEL_WINDOW), ("tunnel,wide_tunnel", rvgahp.TUNNEL_WINDOW)],
+)
+def test_a_tunnel_connection_uses_the_wide_window_only_when_the_peer_knows_it(peer_features, window):
+    """Both ends must agree: a receiver takes more than its window for a protocol error.
+    So a tunnel connection's credit, and what it accepts unacknowledged, follow the
+    peer's features; an older peer gets the window it knows."""
+    log = rvgahp.Log("test")
+    loop = rvgahp.Loop(log)
+    link_r, link_w = os.pipe()
+    link = rvgahp.Link(loop, log, link_r, link_w, events=None)
+    link.features = frozenset(peer_features.split(","))
+    ours, theirs = socket.socketpair()
+    for sock, option in ((ours, socket.SO_SNDBUF), (theirs, socket.SO_RCVBUF)):
+        sock.setsockopt(socket.SOL_SOCKET, option, 4096)  # the sink takes next to nothing
+    os.set_blocking(link_w, False)
+    conn = rvgahp.TunnelConn(link, rvgahp.TUNNEL_CHANNEL | 7, ours, None, {})
+    conn.begin_relay()
+    assert conn.credit == window
+    piece = b"x" * (64 * 1024)
+    for _ in range(window // len(piece)):  # a whole window, as a peer with its credit may send
+        conn.on_frame(rvgahp.DATA, piece)
+    assert conn.sink.size > window - 64 * 1024  # nearly all of it waits: no credit went back
+    with pytest.raises(rvgahp.ProtocolError):
+        conn.on_frame(rvgahp.DATA, b"x")
+    conn.sink.detach()
+    ours.close()
+    theirs.close()
+    for fd in (link_r, link_w):
+        os.close(fd)
 
 
 def test_a_failed_fork_is_an_ordinary_error_that_leaks_no_fd(monkeypatch):
