@@ -67,7 +67,7 @@ MAX_PING_PAYLOAD = 64  # a PING carries a timestamp; more is a peer trying to ma
 CHANNEL_WINDOW = 512 * 1024  # bytes a sender may have in flight per channel direction
 # ...and per tunnel connection, where both ends know the feature "wide_tunnel". One file
 # transfer must keep the whole path through ssh busy, and 512 KiB in flight could not:
-# with 2 MiB, one stream moved 1.3-1.8x as fast (see tunnel_window).
+# with 2 MiB, one stream moved 1.1-1.5x as fast (see tunnel_window).
 TUNNEL_WINDOW = 2 * 1024 * 1024
 LINK_HIGH_WATER = 2 * 1024 * 1024  # stop reading sources while the link is this backed up
 LINK_LOW_WATER = 512 * 1024  # ...and resume once it has drained to here
