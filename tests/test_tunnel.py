@@ -353,6 +353,16 @@ def linked_tunnel_session(make_rig, endpoint, **endpoint_options):
     return rig, gm, s, port
 
 
+def transfer_both_ways(s, gm, port, size, name, timeout=120):
+    """size seeded bytes up to the endpoint and size down from it, each checked by digest."""
+    up_seed, down_seed = seed_for(name + "-up"), seed_for(name + "-down")
+    s.tcp("TCP_OPEN up %d %d %d send sink up" % (port, size, up_seed))
+    s.tcp("TCP_OPEN down %d 0 0 recv source down %d %d" % (port, size, down_seed))
+    assert gm.wait_seen("up") == Seen("sink", size, testgahp.seeded_digest(up_seed, size), "eof", 0)
+    assert s.tcp_wait("up", timeout).sent == size
+    assert s.tcp_wait("down", timeout) == Result(0, size, testgahp.seeded_digest(down_seed, size), "eof", "done")
+
+
 def finish_clean(s):
     """End the session as the GridManager does; it exits 0 having said exactly one Allocated line."""
     status, err = s.finish(WAIT)
@@ -801,13 +811,7 @@ def test_an_older_peer_with_the_narrow_tunnel_window_still_carries_large_transfe
     with rig_with_an_older_side(make_rig, default_flavor, older, "33d9199") as rig:
         gm = endpoint()
         s, port = tunnel_session(rig, gm)
-        up, up_seed = 8 * MB, seed_for("narrow-up")
-        down, down_seed = 8 * MB, seed_for("narrow-down")
-        s.tcp("TCP_OPEN up %d %d %d send sink up" % (port, up, up_seed))
-        s.tcp("TCP_OPEN down %d 0 0 recv source down %d %d" % (port, down, down_seed))
-        assert gm.wait_seen("up") == Seen("sink", up, testgahp.seeded_digest(up_seed, up), "eof", 0)
-        assert s.tcp_wait("up", 120).sent == up
-        assert s.tcp_wait("down", 120) == Result(0, down, testgahp.seeded_digest(down_seed, down), "eof", "done")
+        transfer_both_ways(s, gm, port, 8 * MB, "narrow")
         finish_clean(s)
         assert "protocol error" not in rig.log_text() + harness.read_text(rig.proxy_log)
         if older == "rvgahp_server":  # the new proxy says what the two ends agreed on
@@ -821,11 +825,5 @@ def test_an_older_peer_with_the_narrow_tunnel_window_still_carries_large_transfe
 def test_every_flavor_carries_a_transfer_through_the_tunnel(rig, endpoint):
     gm = endpoint()
     s, port = tunnel_session(rig, gm)
-    up, up_seed = 2 * MB, seed_for("flavor-up")
-    down, down_seed = 2 * MB, seed_for("flavor-down")
-    s.tcp("TCP_OPEN up %d %d %d send sink up" % (port, up, up_seed))
-    s.tcp("TCP_OPEN down %d 0 0 recv source down %d %d" % (port, down, down_seed))
-    assert gm.wait_seen("up") == Seen("sink", up, testgahp.seeded_digest(up_seed, up), "eof", 0)
-    assert s.tcp_wait("up").sent == up
-    assert s.tcp_wait("down") == Result(0, down, testgahp.seeded_digest(down_seed, down), "eof", "done")
+    transfer_both_ways(s, gm, port, 2 * MB, "flavor")
     finish_clean(s)
