@@ -363,6 +363,19 @@ def transfer_both_ways(s, gm, port, size, name, timeout=120):
     assert s.tcp_wait("down", timeout) == Result(0, size, testgahp.seeded_digest(down_seed, size), "eof", "done")
 
 
+def works_with_one_warning(s):
+    """An ft-gahp session with no tunnel still works and ends well, having said one
+    warning line and no Allocated line; (the warning, all of stderr)."""
+    assert s.command("ECHO works") == "S works"
+    status, err = s.finish(WAIT)
+    assert status == 0, err
+    assert not s.allocated_lines(err), err
+    lines = err.splitlines()
+    assert len(lines) == 1, "want one warning line, got %r" % err
+    assert lines[0].startswith("rvgahp_client: warning: "), err
+    return lines[0], err
+
+
 def finish_clean(s):
     """End the session as the GridManager does; it exits 0 having said exactly one Allocated line."""
     status, err = s.finish(WAIT)
@@ -692,14 +705,8 @@ def test_an_ipv6_sinful_reaches_the_ipv6_endpoint(make_rig, endpoint):
     ids=["absent", "empty", "no-sinful", "empty-sinful", "no-port", "bad-port", "unclosed"],
 )
 def test_a_bad_or_absent_condor_inherit_warns_once_and_the_ft_gahp_still_works(quiet_rig, inherit):
-    s = start_ft(quiet_rig, inherit)
-    assert s.command("ECHO works") == "S works"
-    status, err = s.finish(WAIT)
-    assert status == 0, err
-    assert not s.allocated_lines(err), err
-    lines = err.splitlines()
-    assert len(lines) == 1, "want one warning line, got %r" % err
-    assert lines[0].startswith("rvgahp_client: warning: ") and WARNING_DIRECT in lines[0], err
+    warning, err = works_with_one_warning(start_ft(quiet_rig, inherit))
+    assert WARNING_DIRECT in warning, err
 
 
 def test_the_tunnel_can_be_turned_off_with_RVGAHP_FT_TUNNEL(make_rig, endpoint):
@@ -789,15 +796,9 @@ def test_an_older_peer_without_the_tunnel_is_named_and_transfers_go_direct(make_
     with rig_with_an_older_side(make_rig, default_flavor, older, "49c15b0") as rig:
         gm = endpoint()
         s = start_ft(rig, gm.condor_inherit(), argv=default_flavor.argv("client", rig.sock, "condor_ft-gahp"))
-        assert s.command("ECHO works") == "S works"
-        status, err = s.finish(WAIT)
-        assert status == 0, err
-        assert not s.allocated_lines(err), err
-        lines = err.splitlines()
-        assert len(lines) == 1, "want one warning line, got %r" % err
+        warning, err = works_with_one_warning(s)
         # One line that names the older side and says what it means for the transfers.
-        assert lines[0].startswith("rvgahp_client: warning: "), err
-        assert "no file-transfer tunnel" in lines[0] and older in lines[0] and WARNING_DIRECT in lines[0], err
+        assert "no file-transfer tunnel" in warning and older in warning and WARNING_DIRECT in warning, err
         # The new side's log says so too, once per link.
         new_log = harness.read_text(rig.proxy_log) if older == "rvgahp_server" else rig.log_text()
         assert new_log.count("%s (rvgahp " % older) == 1 and "has no file-transfer tunnel" in new_log, new_log
