@@ -23,6 +23,7 @@ One role per process, chosen by the name it runs under (rvgahp_server, rvgahp_pr
 rvgahp_client) or by a first-argument subcommand. Standard library only; Python 3.6+.
 
 Where things are, in reading order:
+  imports            os imported on its first use, so that a client's start never pays for it
   constants          limits, timings, the ranges numbers are clamped to, the GAHP allow-list
   logging            Log: the line format, size rotation, reopening on SIGHUP;
                      printable, open_private (no symlinks, no other uid's files)
@@ -44,11 +45,37 @@ Where things are, in reading order:
 # its imports (enum, selectors, collections) were a third of every client's start.
 import _socket as socket
 import errno
-import os
+import posix
 import stat
 import struct
 import sys
 import time
+
+
+class ImportedOnFirstUse:
+    """Stands in for a module until its first use, then puts the module in its place."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getattr__(self, attr):
+        module = __import__(self.name)
+        globals()[self.name] = module
+        return getattr(module, attr)
+
+
+# os is imported when first used, not here. As os.py loads, it builds the collections
+# ABCs: 3.5 ms, a tenth of a session's start, under 3.6 and 3.13 alike. So the client's
+# path from main() to its exec calls posix (the C half of os: the same functions)
+# directly, and tests/test_zipapp.py checks that a session start never imports os.
+os = ImportedOnFirstUse("os")
+
+
+def environ_get(name):
+    """os.environ.get(name), read without importing os."""
+    value = posix.environ.get(name.encode())
+    return None if value is None else value.decode(sys.getfilesystemencoding(), "surrogateescape")
+
 
 # --------------------------------------------------------------------------- constants
 
@@ -1089,7 +1116,7 @@ def write_some(fd, chunks):
 def close_fd(fd):
     if fd is not None and fd >= 0:
         try:
-            os.close(fd)
+            posix.close(fd)
         except OSError:
             pass
 
@@ -1145,7 +1172,7 @@ def make_pipes(count, what):
 
 def fd_is_streamable(fd):
     """Pipes and sockets can be polled and handed to the proxy; ttys and files cannot."""
-    mode = os.fstat(fd).st_mode
+    mode = posix.fstat(fd).st_mode
     return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
@@ -3077,7 +3104,7 @@ class SocketBusy(UserError):
 
 def check_socket_path(path):
     limit = 107  # sizeof(sun_path) on Linux, less the trailing NUL
-    size = len(os.fsencode(path))
+    size = len(path.encode(sys.getfilesystemencoding(), "surrogateescape"))
     if size > limit:
         raise UserError("socket path %s is %d bytes; AF_UNIX allows at most %d, so choose a shorter path" % (path, size, limit))
 
@@ -3537,7 +3564,7 @@ def parse_client_args(args):
         raise UsageError("no socket path; usage: rvgahp_client SOCKPATH GAHP_NAME")
     if "/" not in sockpath and ("@" in sockpath or not os.path.exists(sockpath)):
         raise UsageError("%r looks like a host, not a socket path; add --rvgahp-socket SOCKPATH to grid_resource" % sockpath)
-    raw_wait = options.get("--rvgahp-wait") or os.environ.get("RVGAHP_WAIT") or str(DEFAULT_CLIENT_WAIT)
+    raw_wait = options.get("--rvgahp-wait") or environ_get("RVGAHP_WAIT") or str(DEFAULT_CLIENT_WAIT)
     try:
         wait = float(raw_wait)
     except ValueError:
@@ -3602,10 +3629,10 @@ class Handoff:
 
     def complete(self):
         """The proxy has the fds: let go of ours, so EOF travels as it should."""
-        devnull = os.open(os.devnull, os.O_RDWR)
+        devnull = posix.open("/dev/null", posix.O_RDWR)
         for fd in self.fds:
             if fd in (0, 1):
-                os.dup2(devnull, fd)
+                posix.dup2(devnull, fd)
         close_fd(devnull)
         for fd in self.ours:
             close_fd(fd)
@@ -3658,9 +3685,9 @@ def check_proxy_owner(sock, sockpath):
     path while our proxy is away; whoever listens would get the GridManager's commands.
     """
     uid = peer_uid(sock)
-    owner = os.stat(sockpath).st_uid
+    owner = posix.stat(sockpath).st_uid
     for who, found in (("served", uid), ("owned", owner)):
-        if found != os.getuid():
+        if found != posix.getuid():
             raise UserError(
                 "%s is %s by uid %d (%s), not by you (uid %d): another user may have taken the path; "
                 "put the socket in a private directory such as ~/.rvgahp/ (see the README)"
@@ -3734,11 +3761,11 @@ def wait_in_shell(sock, gahp, sockpath):
     sock.setblocking(True)  # a timeout left O_NONBLOCK set; the shell's read would see EAGAIN as EOF
     fd = sock.fileno()
     if fd == 3:
-        os.set_inheritable(3, True)
+        posix.set_inheritable(3, True)
     else:
-        os.dup2(fd, 3)
+        posix.dup2(fd, 3)
     try:
-        os.execv("/bin/sh", ["rvgahp_client", "-c", WAIT_SCRIPT, "rvgahp_client", gahp, sockpath])
+        posix.execv("/bin/sh", ["rvgahp_client", "-c", WAIT_SCRIPT, "rvgahp_client", gahp, sockpath])
     except OSError:
         pass
 
@@ -3769,7 +3796,7 @@ def run_client(sockpath, gahp, wait):
     """Start a session and return the GAHP's exit status, or raise UserError."""
     tunnel, no_tunnel_why = None, None
     if gahp == "condor_ft-gahp":
-        tunnel, no_tunnel_why = gridmanager_address(os.environ.get("CONDOR_INHERIT"))
+        tunnel, no_tunnel_why = gridmanager_address(environ_get("CONDOR_INHERIT"))
     handoff = Handoff()
     deadline = time.monotonic() + wait
     fields = {"gahp": gahp, "rvgahp": VERSION, "protocol": CLIENT_PROTOCOL}
@@ -3828,7 +3855,10 @@ def gridmanager_address(inherit):
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         return None, "cannot find the GridManager's address in CONDOR_INHERIT (%s)" % ascii(inherit[:100])
     try:
-        address = socket.getaddrinfo(host, int(port), 0, socket.SOCK_STREAM)[0][4]
+        # A host given as text goes through the idna codec, which imports re and
+        # collections: 20 ms of an ft-gahp's start. Sinfuls carry numeric addresses.
+        name = host.encode("ascii") if all(c < "\x80" for c in host) else host
+        address = socket.getaddrinfo(name, int(port), 0, socket.SOCK_STREAM)[0][4]
     except (OSError, UnicodeError) as e:
         return None, "cannot resolve the GridManager's host %s from CONDOR_INHERIT: %s" % (ascii(host), getattr(e, "strerror", e))
     return (text, address[0], int(port)), None
@@ -3845,7 +3875,7 @@ def announce_tunnel(sock, accepted, tunnel, no_tunnel_why, sockpath):
         warn("%s; file transfers will go direct to the GridManager, not through the link" % no_tunnel_why)
     elif state == "on" and accepted.get("tunnel_port", "").isdigit():
         line = "Allocated port %s for remote forward to %s\n" % (accepted["tunnel_port"], tunnel[0])
-        os.write(2, line.encode("utf-8"))
+        posix.write(2, line.encode("utf-8"))
         sock.sendall(READY_FRAME)
     elif state in ("error", "unsupported"):
         warn("no file-transfer tunnel: %s; transfers will go direct" % accepted.get("tunnel_error", "no reason given"))
@@ -3857,7 +3887,7 @@ def announce_tunnel(sock, accepted, tunnel, no_tunnel_why, sockpath):
 
 
 def warn(message):
-    os.write(2, ("rvgahp_client: warning: %s\n" % printable(message)).encode("utf-8", "replace"))
+    posix.write(2, ("rvgahp_client: warning: %s\n" % printable(message)).encode("utf-8", "replace"))
 
 
 def show_status(sockpath, as_json=False):
@@ -4109,7 +4139,7 @@ Each role takes --help.
 
 
 def role_of(program):
-    name = os.path.basename(program)
+    name = program.rpartition("/")[2]
     for suffix in (".pyz", ".py"):
         if name.endswith(suffix):
             name = name[: -len(suffix)]

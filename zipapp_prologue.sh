@@ -12,13 +12,33 @@ if ! command -v "$py" >/dev/null 2>&1; then
     exit 127
 fi
 exec "$py" -I -S -c '
-import os, sys
+import posix, sys
+# posix, not os: importing os is a tenth of a session start (see rvgahp.py).
 sys.argv.pop(0)  # now the name we were run by, which picks the role
-root = os.environ.get("SHIV_ROOT") or os.path.expanduser("~/.shiv")
-unpacked = os.path.join(root, os.path.basename(os.path.realpath(sys.argv[0])) + "_@BUILD_ID@", "site-packages")
-if os.path.isfile(os.path.join(unpacked, "rvgahp.py")) and not os.environ.get("SHIV_FORCE_EXTRACT"):
+def env(name):
+    value = posix.environ.get(name.encode())
+    return None if value is None else value.decode(sys.getfilesystemencoding(), "surrogateescape")
+def is_file(path):
+    try:
+        return posix.stat(path).st_mode & 0o170000 == 0o100000
+    except (OSError, ValueError):
+        return False
+archive = sys.argv[0]  # shiv names its unpacked copy after the archive: follow the symlinks to it
+for _ in range(40):
+    try:
+        link = posix.readlink(archive)
+    except OSError:
+        break
+    head, slash, _ = archive.rpartition("/")
+    archive = link if link.startswith("/") else head + slash + link
+home = env("HOME")  # as os.path.expanduser finds it, which is where shiv unpacked
+if home is None:
+    home = __import__("pwd").getpwuid(posix.getuid()).pw_dir
+root = env("SHIV_ROOT") or home.rstrip("/") + "/.shiv"
+unpacked = root + "/" + archive.rpartition("/")[2] + "_@BUILD_ID@/site-packages"
+if is_file(unpacked + "/rvgahp.py") and not env("SHIV_FORCE_EXTRACT"):
     sys.path.insert(0, unpacked)
     import rvgahp
     sys.exit(rvgahp.main())
-os.execv(sys.executable, [sys.executable] + sys.argv)
+posix.execv(sys.executable, [sys.executable] + sys.argv)
 ' "$0" "$@"
