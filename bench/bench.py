@@ -10,7 +10,8 @@ section, against that one sshd and one GAHP:
     start       session start back to back: direct (the GAHP spawned locally), plain ssh
                 (`ssh host GAHP`, the stock remote_gahp), and rvgahp as rvgahp.py and as
                 rvgahp.pyz (run by its name, as users run it), each under the oldest
-                supported CPython (3.6) and the newest
+                supported CPython (3.6) and the newest; and the pyz starting an ft-gahp
+                with CONDOR_INHERIT set, so with its tunnel and `Allocated port` line
     burst       50 sessions started at once; submit-host memory per extra session
     rtt         the round trip of one small command, over 5 or more sessions: the median of
                 the per-session rvgahp/ssh ratios, and the CPU per round trip that the
@@ -244,6 +245,19 @@ class Rvgahp(Mode):
             "ssh": [transport] if transport else [],
             "sshd": ancestors(proxy[0], self.rig.sshd.proc.pid) if proxy else [],
         }
+
+
+class FtGahp(Rvgahp):
+    """An ft-gahp session on an rvgahp mode's rig, with CONDOR_INHERIT as the GridManager sets
+    it: the server opens a tunnel listener, and the client says `Allocated port` before the
+    banner. Nothing listens at the address; no transfer is made."""
+
+    def __init__(self, base):
+        super().__init__("ft-" + base.key, base.name + " ft-gahp", base.rig)
+        self.env = dict(base.env or os.environ, CONDOR_INHERIT="4242 <127.0.0.1:9618?addrs=127.0.0.1-9618> 0")
+
+    def argv(self):
+        return self.rig.client_argv("condor_ft-gahp")
 
 
 class Floor(Mode):
@@ -972,7 +986,7 @@ def targets(results):
     for key, r in start.items():
         # The target is for rvgahp.pyz, as users run it. rvgahp.py run as a script is in
         # the table for comparison: Python compiles a script on every start.
-        if key.startswith("pyz-"):
+        if key.startswith(("pyz-", "ft-pyz-")):
             judge("start p90 <= direct p90: %s" % r.get("name", key), r.get("p90"), direct, "%.1f vs %.1f ms")
     for key, r in results.get("burst", {}).items():
         if key not in ("direct", "ssh"):
@@ -1098,6 +1112,7 @@ def run(setup, args, results):
 
     def section_start():
         modes = [direct, ssh] + available([("py", "old"), ("pyz", "old"), ("py", "new"), ("pyz", "new")])
+        modes += [FtGahp(m) for m in modes if m.key.startswith("pyz-")]
         count = 10 if quick else 40
         log("session start, back to back: %d rounds over %d modes" % (count, len(modes)))
         figures = back_to_back(modes, count)
