@@ -3104,7 +3104,7 @@ class SocketBusy(UserError):
 
 def check_socket_path(path):
     limit = 107  # sizeof(sun_path) on Linux, less the trailing NUL
-    size = len(path.encode(sys.getfilesystemencoding(), "surrogateescape"))
+    size = len(path.encode(sys.getfilesystemencoding(), "surrogateescape"))  # os.fsencode(path)
     if size > limit:
         raise UserError("socket path %s is %d bytes; AF_UNIX allows at most %d, so choose a shorter path" % (path, size, limit))
 
