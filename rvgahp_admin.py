@@ -250,15 +250,18 @@ def server_config_text(blahpd, ft_gahp):
     lines = ["# The GAHPs rvgahp_server runs; rvgahp setup found these."]
     base = os.path.dirname(os.path.dirname(blahpd))
     if os.path.basename(os.path.dirname(blahpd)) == "bin" and base not in ("/usr", "/"):
-        lines.append("GLITE_LOCATION = $(GLITE_LOCATION:%s)" % base)
-        lines.append("BLAHPD_LOCATION = $(BLAHPD_LOCATION:$(GLITE_LOCATION))")
+        lines.append("GLITE_LOCATION = %s" % base)
+        lines.append("BLAHPD_LOCATION = $(GLITE_LOCATION)")
+    # Plain definitions, never $(NAME:default): HTCondor gives LOG and BLAHPD_LOCATION
+    # built-in values ($(LOCAL_DIR)/log, $(RELEASE_DIR)), so a default after the colon
+    # would never apply, and the ft-gahp would exit 4 on a log it cannot open.
     lines += [
         "BATCH_GAHP = %s" % blahpd,
         "FT_GAHP = %s" % ft_gahp,
-        "# What condor_ft-gahp needs; a definition above this block wins.",
-        "LOG = $(LOG:$ENV(HOME)/.rvgahp)",
-        "FT_GAHP_LOG = $(FT_GAHP_LOG:$(LOG)/FTGahpLog)",
-        "BOSCO_SANDBOX_DIR = $(BOSCO_SANDBOX_DIR:$ENV(HOME)/bosco/sandbox)",
+        "# What condor_ft-gahp needs; to change one, define it again below this block.",
+        "LOG = $ENV(HOME)/.rvgahp",
+        "FT_GAHP_LOG = $(LOG)/FTGahpLog",
+        "BOSCO_SANDBOX_DIR = $ENV(HOME)/bosco/sandbox",
     ]
     return "\n".join(lines) + "\n"
 

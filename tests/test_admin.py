@@ -455,12 +455,13 @@ def test_print_gives_each_file_for_a_setup_by_hand(tmp_path):
     assert "\n@reboot ~/bin/rvgahp_server -d >/dev/null\n*/10 * * * * ~/bin/rvgahp_server -d >/dev/null\n" in printed("crontab")
     assert "/opt/py/bin/python3.9 ~/bin/rvgahp_server -d" in printed("crontab", "--python", "/opt/py/bin/python3.9")
     config = printed("server-config", "--blahpd", "/b/glite/bin/blahpd", "--ft-gahp", "/b/sbin/condor_ft-gahp")
-    c = rvgahp.Config("x", "GLITE_LOCATION = /mine\n" + config, {"HOME": "/home/alice"})
-    assert (c.get("BATCH_GAHP"), c.get("GLITE_LOCATION"), c.get("FT_GAHP_LOG")) == (
-        "/b/glite/bin/blahpd",
-        "/mine",  # a definition of the user's own wins over setup's default
-        "/home/alice/.rvgahp/FTGahpLog",
-    )
+    # HTCondor defines LOG and BLAHPD_LOCATION before any file is read, as if on lines
+    # above the block: setup's values must win over those, and a line below must win
+    # over setup's.
+    builtin = "LOG = /var/lib/condor/log\nBLAHPD_LOCATION = /usr\n"
+    c = rvgahp.Config("x", builtin + config + "GLITE_LOCATION = /mine\n", {"HOME": "/home/alice"})
+    assert (c.get("BATCH_GAHP"), c.get("GLITE_LOCATION"), c.get("BLAHPD_LOCATION")) == ("/b/glite/bin/blahpd", "/mine", "/mine")
+    assert (c.get("LOG"), c.get("FT_GAHP_LOG")) == ("/home/alice/.rvgahp", "/home/alice/.rvgahp/FTGahpLog")
     wrong = subprocess.run([sys.executable, ADMIN, "print", "nothing"], capture_output=True, text=True, timeout=30)
     assert wrong.returncode == 2 and "usage: rvgahp print {transport,authorized-key,server-config,crontab}" in wrong.stderr
 
