@@ -137,6 +137,18 @@ LIMITS = {
     "spare_gahps": (0.0, 1.0),
 }
 
+# The config knobs that hold a number (-> their LIMITS entry) or a boolean. Config.load
+# checks each one, so a bad value stops a start with file:line.
+NUMBER_KNOBS = {
+    "RVGAHP_PING_INTERVAL": "ping_interval",
+    "RVGAHP_PING_TIMEOUT": "ping_timeout",
+    "RVGAHP_BACKOFF_MAX": "backoff_max",
+    "RVGAHP_LOG_MAX_SIZE": "log_max_size",
+    "RVGAHP_SPARE_GAHPS": "spare_gahps",
+}
+BOOLEAN_KNOBS = ("RVGAHP_FT_TUNNEL",)
+BOOLEAN_WORDS = "true, false, yes, no, 1, 0"
+
 # The GAHPs a session may ask for: name -> (config knob, binary under -b BASEDIR/bin, args).
 GAHPS = {
     "blahpd": ("BATCH_GAHP", "blahpd", []),
@@ -236,6 +248,41 @@ def printable(text):
     return "".join(c if c.isprintable() or c == "\t" else ascii(c)[1:-1] for c in text)
 
 
+def file_kind(mode):
+    for test, name in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "an unknown kind of file"
+
+
+def path_problem(path):
+    """What keeps path from being read as a file ("it is a directory", ...), or None.
+
+    For the one-line errors about a config, a transport or a GAHP that is there but is
+    not a file: the kind is the fix's first clue.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        try:
+            if e.errno == errno.ENOENT and stat.S_ISLNK(os.lstat(path).st_mode):
+                return "it is a symbolic link to %s, which does not exist" % os.readlink(path)
+        except OSError:
+            pass
+        return "it does not exist" if e.errno == errno.ENOENT else e.strerror
+    if not stat.S_ISREG(st.st_mode):
+        return "it is %s, not a file" % file_kind(st.st_mode)
+    return None
+
+
 def open_private(path, flags, what):
     """Open (creating 0600) a file of ours in a directory others may write to.
 
@@ -247,11 +294,17 @@ def open_private(path, flags, what):
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise UserError("cannot open %s %s: it is a symbolic link, and rvgahp never follows one there" % (what, path))
+        try:
+            kind = file_kind(os.lstat(path).st_mode)
+        except OSError:
+            kind = "a regular file"
+        if kind != "a regular file":  # a directory, or a FIFO with no reader (ENXIO)
+            raise UserError("cannot use %s %s: it is %s, not a file" % (what, path, kind))
         raise UserError("cannot open %s %s: %s" % (what, path, e.strerror))
     st = os.fstat(fd)
     problem = None
     if not stat.S_ISREG(st.st_mode):
-        problem = "it is not a regular file"
+        problem = "it is %s, not a file" % file_kind(st.st_mode)
     elif st.st_uid != os.getuid():
         problem = "it belongs to uid %d, not to uid %d" % (st.st_uid, os.getuid())
     if problem:
@@ -286,16 +339,32 @@ class Config:
 
     @classmethod
     def load(cls, path):
+        """Read and check a config file: every rvgahp knob in it must have a good value."""
         # O_NONBLOCK: a FIFO put where the config should be must not hang the start.
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
+            raise ConfigError("cannot read config %s: %s" % (path, path_problem(path) or e.strerror))
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise ConfigError("cannot read config %s: it is %s, not a file" % (path, file_kind(mode)))
+            data = os.read(fd, 1 << 20)
+        except OSError as e:
             raise ConfigError("cannot read config %s: %s" % (path, e.strerror))
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ConfigError("config %s is not a regular file" % path)
-            text = f.read(1 << 20).decode("utf-8", "replace")
-        return cls(path, text)
+        finally:
+            os.close(fd)
+        config = cls(path, data.decode("utf-8", "replace"))
+        config.check_knobs()
+        return config
+
+    def check_knobs(self):
+        """Read every knob rvgahp has, so a bad value is an error at load, at file:line,
+        and not when some later session first needs it."""
+        for name, limits in NUMBER_KNOBS.items():
+            self.number(name, 0.0, LIMITS[limits])
+        for name in BOOLEAN_KNOBS:
+            self.boolean(name, True)
 
     def _parse(self, text):
         order = 0
@@ -337,15 +406,13 @@ class Config:
         if raw is None or raw == "":
             return default
         lineno = self._definition(name.lower(), None)[1]
-        try:
-            value = float(raw)
-        except ValueError:
-            value = float("nan")
-        if value != value:
+        value = plain_number(raw)
+        if value is None:
             raise self.error(lineno, "%s must be a number, not %r" % (name, raw[:40]))
         clamped = clamp(value, limits)
-        if clamped != value:
-            self.notes.append("config %s:%d: %s = %s is out of range; using %g" % (self.path, lineno, name, raw[:40], clamped))
+        note = "config %s:%d: %s = %s is out of range; using %g" % (self.path, lineno, name, raw[:40], clamped)
+        if clamped != value and note not in self.notes:
+            self.notes.append(note)
         return clamped
 
     def boolean(self, name, default):
@@ -358,7 +425,9 @@ class Config:
             return True
         if word in ("false", "no", "0", "f", "n"):
             return False
-        raise self.error(self._definition(name.lower(), None)[1], "%s must be True or False, not %r" % (name, raw[:40]))
+        raise self.error(
+            self._definition(name.lower(), None)[1], "%s must be one of %s (any case), not %r" % (name, BOOLEAN_WORDS, raw[:40])
+        )
 
     def _definition(self, key, before):
         defs = self.defs.get(key, ())
@@ -412,6 +481,32 @@ class Config:
                 value = self._substitute(default, key, definition, stack)
             out.append(value)
             i = end + 1
+
+
+def whole_number(text, low, high):
+    """text as an int when it is plain ASCII digits within [low, high], else None.
+
+    Every integer from outside (an environment variable, a request, a frame field, a
+    file) comes through here: str.isdigit() accepts "²", which int() refuses, and int()
+    accepts "1_000", spaces and thousands of digits, which no field of ours ever holds.
+    """
+    if not 0 < len(text) <= 19 or not all("0" <= c <= "9" for c in text):
+        return None
+    value = int(text)
+    return value if low <= value <= high else None
+
+
+def plain_number(text):
+    """text as a float when it is a number written in ASCII ("2", "0.5", "1e7", "inf"),
+    else None: float() also reads "1_0", surrounding blanks and other scripts' digits,
+    and "nan" compares unequal to every bound."""
+    if not 0 < len(text) <= 40 or not all(" " < c < "\x7f" and c != "_" for c in text):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return None if value != value else value
 
 
 def clamp(value, limits):
@@ -617,14 +712,10 @@ def status_line(fields):
     for key in ("signal", "exit"):
         if key in fields:
             value = str(fields[key])
-            if is_small_number(value):
+            if whole_number(value, 0, 255) is not None:
                 return "%s %s\n" % (key, value)
             return "error the server sent a bad %s status %r\n" % (key, value[:40])
     return "error the session ended without a status\n"
-
-
-def is_small_number(text):
-    return 0 < len(text) <= 3 and all("0" <= c <= "9" for c in text) and int(text) <= 255
 
 
 def status_text(fields):
@@ -991,13 +1082,17 @@ class Channel:
             self.credit += COUNT.unpack(payload)[0] if len(payload) == 4 else 0
             self.refresh()
         elif kind == EOF:
-            self.sink.when_drained(self.end_sink)
+            self.peer_eof()
         elif kind == CLOSE:
             self.peer_closed(decode_fields(payload))
         elif kind == ACCEPT:
             self.accepted(decode_fields(payload))
         elif kind == REFUSE:
             self.refused(decode_fields(payload))
+
+    def peer_eof(self):
+        """The peer's direction is finished: our sink ends once what came is written."""
+        self.sink.when_drained(self.end_sink)
 
     def _sink_took(self, n):
         self.inflight -= n
@@ -1741,6 +1836,7 @@ class Child:
         self.on_exit = on_exit
         self.status = None
         self.timers = []
+        self.stderr_log = None  # a GAHP's: where its stderr goes, for the cause of an early death
 
     def running(self):
         return self.status is None
@@ -1886,6 +1982,7 @@ class Server:
         self.tcp_owner_note = False  # said once that tunnel peers cannot be checked here
         self.sock_diag = SockDiag()  # asks the kernel who connected to a tunnel port
         self.stopping = False
+        self.exit_status = 0
 
     def run(self):
         import signal
@@ -1905,7 +2002,7 @@ class Server:
         self.connect()
         self.loop.run()
         self.log.info("stopped")
-        return 0
+        return self.exit_status
 
     # -- the link
 
@@ -1918,8 +2015,17 @@ class Server:
         self.transport_lines = []
         self.unreached = False
         transport = self.layout.transport
-        if not os.path.isfile(transport):
-            self._cannot_start("transport %s does not exist; create it (see the README)" % transport)
+        gone = self.files_gone()
+        if gone:
+            # Removed (rvgahp setup --remove) or moved: retrying would only log in vain,
+            # and a second server started later would find this one still holding on.
+            self.log.info("%s, so this server stops; run rvgahp setup again to bring it back" % gone)
+            self.exit_status = 1
+            self.shutdown()
+            return
+        problem = path_problem(transport)
+        if problem:
+            self._cannot_start("cannot run transport %s: %s" % (transport, problem))
             return
         try:
             link_in, transport_out, transport_in, link_out, err_r, err_w = make_pipes(3, "the transport")
@@ -1957,6 +2063,13 @@ class Server:
                 "failed_logins_1h": len([t for t, outcome in self.history if now - t < 3600 and outcome == "failed"]),
             }
         )
+
+    def files_gone(self):
+        """Why the server has nothing left to run on (its transport or config is gone), or None."""
+        for what, path in (("transport", self.layout.transport), ("config", self.config.path)):
+            if not os.path.lexists(path):
+                return "its %s %s is gone" % (what, path)
+        return None
 
     def _cannot_start(self, reason):
         self.failure = reason
@@ -2130,9 +2243,15 @@ class Server:
             child, stdout_r, stdin_w = self.spawn_gahp(argv, env, config)
             origin = "started now"
         session = ServerSession(self, cid, gahp, child, stdout_r, stdin_w)
-        reply = {"pid": child.pid}
-        if fields.get("tunnel") == "1" and gahp == "condor_ft-gahp":  # only the ft-gahp transfers files
-            reply.update(self.open_tunnel(session, config))
+        try:
+            reply = {"pid": child.pid}
+            if fields.get("tunnel") == "1" and gahp == "condor_ft-gahp":  # only the ft-gahp transfers files
+                reply.update(self.open_tunnel(session, config))
+        except BaseException:
+            # The start is refused after all: the GAHP we took must not outlive it, held
+            # by nobody, one more with every retry the GridManager makes.
+            session.abandon()
+            raise
         self.link.channels[cid] = session
         self.sessions[child.pid] = session
         self.link.send(ACCEPT, cid, encode_fields(reply))
@@ -2194,8 +2313,11 @@ class Server:
         path = config.get(knob) or (os.path.join(self.layout.gahp_dir, binary) if self.layout.gahp_dir else "")
         if not path:
             raise UserError("%s is not set in %s" % (knob, config.path))
-        if not os.path.isfile(path):
+        problem = path_problem(path)
+        if problem == "it does not exist":
             raise UserError("%s %s (from %s) does not exist" % (knob, path, config.path))
+        if problem:
+            raise UserError("%s %s (from %s) cannot run: %s" % (knob, path, config.path, problem))
         if not os.access(path, os.X_OK):
             raise UserError("%s %s (from %s) is not executable" % (knob, path, config.path))
         env = dict(os.environ)
@@ -2247,6 +2369,7 @@ class Server:
         finally:
             close_fds((stdin_r, stdout_w, stderr_fd))
         child = self.children[pid] = Child(self.loop, pid, lambda status: None)
+        child.stderr_log = None if stderr_path == os.devnull else stderr_path
         return child, stdout_r, stdin_w
 
     def reap(self):
@@ -2347,6 +2470,26 @@ class Spare:
         self.child.stop(GAHP_TERM_AFTER, GAHP_KILL_AFTER)
 
 
+def last_line_of(path, limit=4096):
+    """The last non-blank line of a log file, at most 300 characters; "" if none can be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return ""
+        os.lseek(fd, max(0, st.st_size - limit), os.SEEK_SET)
+        lines = os.read(fd, limit).decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+    lines = [line.strip() for line in lines if line.strip()]
+    return printable(lines[-1][:300]) if lines else ""
+
+
 class ServerSession(Channel):
     """A GAHP process on one channel: its stdout is the source, its stdin the sink."""
 
@@ -2387,6 +2530,13 @@ class ServerSession(Channel):
         if self.released or not self.source_done or self.child.running():
             return
         fields = describe_status(self.child.status)
+        if self.sent == 0 and fields != {"exit": 0}:
+            # It died before its banner: the GridManager will show only its stderr
+            # lines, so send it the likeliest cause, the GAHP's own last words.
+            fields["before_banner"] = "1"
+            if self.child.stderr_log:
+                fields["stderr_log"] = self.child.stderr_log
+                fields["stderr_tail"] = last_line_of(self.child.stderr_log)
         self.link.send(CLOSE, self.cid, encode_fields(fields))
         self.log.info(
             "session %d: %s pid %d ended (%s) after %s" % (self.cid, self.gahp, self.child.pid, status_text(fields), self.summary())
@@ -2400,16 +2550,16 @@ class ServerSession(Channel):
 
     def peer_closed(self, fields):
         self.log.info("session %d: the client ended it (%s) after %s" % (self.cid, status_text(fields), self.summary()))
-        self._abandon()
+        self.abandon()
 
     def failed(self, reason):
-        self._abandon()
+        self.abandon()
 
     def link_lost(self, reason):
         self.log.info("session %d: %s pid %d loses its link after %s" % (self.cid, self.gahp, self.child.pid, self.summary()))
-        self._abandon()
+        self.abandon()
 
-    def _abandon(self):
+    def abandon(self):
         """Close the GAHP's pipes; it should exit on EOF, and is made to if it doesn't."""
         self.release()
 
@@ -3051,7 +3201,7 @@ class Proxy:
         if not cid & TUNNEL_CHANNEL or cid in self.link.channels:
             raise ProtocolError("TUNNEL on channel %d, which is not free for one" % cid)
         fields = decode_fields(payload)
-        session = self.sessions.get(int(fields["session"])) if fields.get("session", "").isdigit() else None
+        session = self.sessions.get(whole_number(fields.get("session", ""), 1, 0xFFFFFFFF))
         reason = None
         if set(fields) != {"session"}:
             reason = "the server sent %s; a tunnel goes only to the address its session's client announced" % ", ".join(sorted(fields))
@@ -3144,31 +3294,13 @@ def user_name(uid):
         return "no name"
 
 
-def file_kind(mode):
-    for test, name in (
-        (stat.S_ISREG, "a regular file"),
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISLNK, "a symbolic link"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return name
-    return "an unknown kind of file"
-
-
 def peer_number(fields, key, default, log):
     """A number from the peer's hello, clamped to LIMITS[key]; a bad one is said and replaced."""
     raw = fields.get(key)
     if raw is None:
         return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if value != value:
+    value = plain_number(raw)
+    if value is None:
         log.info("the server sent %s=%r, which is not a number; using %g" % (key, raw[:40], default))
         return default
     clamped = clamp(value, LIMITS[key])
@@ -3178,8 +3310,7 @@ def peer_number(fields, key, default, log):
 
 
 def peer_count(fields, key):
-    value = fields.get(key, "")
-    return int(value) if value.isdigit() and len(value) < 10 else None
+    return whole_number(fields.get(key, ""), 0, 10**9)
 
 
 def take_stdio_for_link():
@@ -3356,10 +3487,10 @@ def tunnel_address(fields):
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         socket.inet_pton(family, host)
-        number = int(port)
-    except (OSError, ValueError):
-        number = 0
-    if not 0 < number < 65536:
+        number = whole_number(port, 1, 65535)
+    except OSError:
+        number = None
+    if number is None:
         raise ProtocolError("a bad tunnel address %r" % text[:80])
     return family, host, number, text
 
@@ -3394,6 +3525,7 @@ class ProxySession(Channel):
         self.tunnel_to = tunnel_to  # the GridManager's address for an ft-gahp's tunnel, or None
         self.tunnel_conns = {}  # cid -> TunnelConn
         self.tunnel_totals = [0, 0, 0]  # ended tunnel connections, bytes to and from the GridManager
+        self.reported = False  # the client has the status line of a GAHP that died before its banner
 
     def summary(self):
         return session_summary(self, self.sent, self.received)
@@ -3424,6 +3556,11 @@ class ProxySession(Channel):
         if self.held is not None:
             self.release_sink()
 
+    def peer_eof(self):
+        if self.received == 0:
+            return  # not a byte, not even a banner: CLOSE will say why, before the EOF
+        Channel.peer_eof(self)
+
     def refused(self, fields):
         self.proxy.sessions_refused += 1
         self.log.info("session %d: %s refused: %s" % (self.cid, self.gahp, fields.get("reason", "?")))
@@ -3446,6 +3583,9 @@ class ProxySession(Channel):
             self.release_sink()
         if not self.source_done:
             self._close_source()
+        if fields.get("before_banner") == "1":
+            self.died_before_banner(fields)
+            return
 
         def delivered():
             self.end_sink()
@@ -3456,11 +3596,31 @@ class ProxySession(Channel):
 
         self.sink.when_drained(delivered)
 
+    def died_before_banner(self, fields):
+        """Tell the client why, and let the GridManager see EOF only once the client has
+        said so on stderr: the GridManager fails the start at that EOF, and its reason for
+        the resource is made of the stderr lines it has read by then."""
+        cause = "%s before its banner" % status_text(fields)
+        if fields.get("stderr_log"):
+            tail = fields.get("stderr_tail") or "(nothing)"
+            cause += "; the last line of %s on the cluster: %s" % (fields["stderr_log"], tail)
+        self.log.info("session %d: %s did not start: %s" % (self.cid, self.gahp, cause))
+        self.reported = True
+        self.conn.outbox.write(status_line({"error": cause}).encode("utf-8"))
+        # The client exits once it has printed the line; its hang-up ends the session.
+        self.loop.call_later(EXIT_LINGER, self.client_gone)
+
     def failed(self, reason):
         self.peer_closed({"error": reason})
 
     def client_gone(self):
         self.proxy.draining.discard(self)
+        if self.reported:  # it has said why its GAHP died: now the GridManager sees EOF
+            self.conn.close()
+            if not self.released:
+                self.end_sink()
+                self.release()
+            return
         if self.released:
             return
         if self.state != "waiting":
@@ -3565,11 +3725,8 @@ def parse_client_args(args):
     if "/" not in sockpath and ("@" in sockpath or not os.path.exists(sockpath)):
         raise UsageError("%r looks like a host, not a socket path; add --rvgahp-socket SOCKPATH to grid_resource" % sockpath)
     raw_wait = options.get("--rvgahp-wait") or environ_get("RVGAHP_WAIT") or str(DEFAULT_CLIENT_WAIT)
-    try:
-        wait = float(raw_wait)
-    except ValueError:
-        wait = -1.0
-    if not 0 <= wait <= 3600:
+    wait = plain_number(raw_wait)
+    if wait is None or not 0 <= wait <= 3600:
         raise UsageError("the wait must be 0 to 3600 seconds, not %r" % raw_wait)
     return sockpath, gahp, wait
 
@@ -3783,9 +3940,9 @@ def wait_in_python(sock, gahp, sockpath):
             break
         line += chunk
     word, _, rest = line.decode("utf-8", "replace").strip().partition(" ")
-    if word == "exit" and is_small_number(rest):
+    if word == "exit" and whole_number(rest, 0, 255) is not None:
         return int(rest)
-    if word == "signal" and is_small_number(rest):
+    if word == "signal" and whole_number(rest, 0, 255) is not None:
         raise GahpKilled(128 + int(rest), "%s was killed by signal %s on the cluster" % (gahp, rest))
     if word == "error":
         raise UserError("%s session ended: %s" % (gahp, rest))
@@ -3852,16 +4009,17 @@ def gridmanager_address(inherit):
         host, _, port = text[1:].partition("]:")
     else:
         host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    number = whole_number(port, 1, 65535)
+    if not host or number is None:
         return None, "cannot find the GridManager's address in CONDOR_INHERIT (%s)" % ascii(inherit[:100])
     try:
         # A host given as text goes through the idna codec, which imports re and
         # collections: 20 ms of an ft-gahp's start. Sinfuls carry numeric addresses.
         name = host.encode("ascii") if all(c < "\x80" for c in host) else host
-        address = socket.getaddrinfo(name, int(port), 0, socket.SOCK_STREAM)[0][4]
+        address = socket.getaddrinfo(name, number, 0, socket.SOCK_STREAM)[0][4]
     except (OSError, UnicodeError) as e:
         return None, "cannot resolve the GridManager's host %s from CONDOR_INHERIT: %s" % (ascii(host), getattr(e, "strerror", e))
-    return (text, address[0], int(port)), None
+    return (text, address[0], number), None
 
 
 def announce_tunnel(sock, accepted, tunnel, no_tunnel_why, sockpath):
@@ -3873,7 +4031,7 @@ def announce_tunnel(sock, accepted, tunnel, no_tunnel_why, sockpath):
     state = accepted.get("tunnel")
     if tunnel is None:
         warn("%s; file transfers will go direct to the GridManager, not through the link" % no_tunnel_why)
-    elif state == "on" and accepted.get("tunnel_port", "").isdigit():
+    elif state == "on" and whole_number(accepted.get("tunnel_port", ""), 1, 65535) is not None:
         line = "Allocated port %s for remote forward to %s\n" % (accepted["tunnel_port"], tunnel[0])
         posix.write(2, line.encode("utf-8"))
         sock.sendall(READY_FRAME)
@@ -4038,6 +4196,9 @@ def server_main(args):
     log.verbose = opts.verbose
     layout = Layout(opts.basedir or os.environ.get("BLAHPD_LOCATION") or None, opts.config, opts.transport)
     config = Config.load(layout.config)
+    problem = path_problem(layout.transport)
+    if problem:
+        raise UserError("cannot run transport %s: %s; rvgahp setup writes it (or see docs/setup-by-hand.md)" % (layout.transport, problem))
     max_log = config.number("RVGAHP_LOG_MAX_SIZE", 10 * 1000 * 1000, LIMITS["log_max_size"])
     logfile = opts.logfile or (layout.default_log if opts.detach else None)
     if logfile:
@@ -4069,7 +4230,7 @@ def take_pid_lock(path):
         other = os.read(fd, 64).decode("ascii", "replace").strip()
         os.close(fd)
         nudged = False
-        if other.isdigit():
+        if whole_number(other, 1, 2**31 - 1) is not None:
             try:
                 os.kill(int(other), signal.SIGUSR1)
                 nudged = True

@@ -624,7 +624,7 @@ def test_a_fifo_as_the_config_is_a_one_line_error_not_a_hang(make_rig):
         unblock_fifo(rig.config)
     assert result.returncode == 1
     line = one_line(result)
-    assert "not a regular file" in line and rig.config in line, line
+    assert "it is a FIFO, not a file" in line and rig.config in line, line
 
 
 def test_a_fifo_put_in_place_of_the_config_while_running_refuses_sessions_not_hangs(make_rig):
@@ -637,7 +637,7 @@ def test_a_fifo_put_in_place_of_the_config_while_running_refuses_sessions_not_ha
     finally:
         unblock_fifo(rig.config)
     line = one_line(result)
-    assert "refused blahpd" in line and "not a regular file" in line, line
+    assert "refused blahpd" in line and "it is a FIFO, not a file" in line, line
     assert rig.server.poll() is None
 
 

@@ -1,0 +1,288 @@
+"""Hardening, round 3 (issues 18 and 19): the edges a hostile user, a new user and the
+real HTCondor found, each replayed with real processes over the real sshd.
+
+- a session start refused after its GAHP was taken leaves no GAHP behind;
+- every number from outside goes through one checked parser;
+- a bad boolean in the config stops the server at start, at file:line;
+- each file rvgahp reads or writes, found to be a directory, a FIFO, a device, a socket
+  or a dangling symlink, gives one line that names the path and what it is;
+- a GAHP that dies before its banner is explained on the client's stderr before the
+  GridManager sees EOF, since HTCondor builds the resource's reason from those lines;
+- a server whose transport or config is removed says so once and exits.
+"""
+
+import os
+import select
+import socket
+import stat
+import subprocess
+import sys
+
+import harness
+import pytest
+from test_hardening import BareProxy, assert_still_serving, one_line, run_server
+
+sys.path.insert(0, harness.REPO)
+
+import rvgahp
+
+INHERIT = "4242 <127.0.0.1:9618?addrs=127.0.0.1-9618&sock=gm_1> 0"
+BOOLEAN_ERROR = "RVGAHP_FT_TUNNEL must be one of true, false, yes, no, 1, 0 (any case), not 'off'"
+
+
+def ft_env(rig, inherit=INHERIT):
+    return rig.env(CONDOR_INHERIT=inherit)
+
+
+# --------------------------------------------------------------------------- 1. no GAHP outlives a refused start
+
+
+def test_a_session_refused_for_a_bad_config_value_leaves_no_gahp_behind(make_rig):
+    rig = make_rig()
+    rig.start_server()
+    assert_still_serving(rig)  # leaves one blahpd spare
+    harness.wait_for(lambda: len(rig.gahp_pids()) == 1, 20, what="the blahpd spare")
+    before = set(rig.gahp_pids())
+    with open(rig.config, "a") as f:
+        f.write("RVGAHP_FT_TUNNEL = off\n")
+    for _ in range(5):  # the GridManager retries a failed start
+        result = rig.run_client("condor_ft-gahp", env=ft_env(rig))
+        assert result.returncode != 0
+        assert BOOLEAN_ERROR in one_line(result)
+    # Every GAHP taken for those starts must go; on its own it would wait for ever.
+    harness.wait_for(lambda: set(rig.gahp_pids()) <= before, 30, what="no GAHP beyond the spare: %s" % rig.gahp_pids())
+    assert rig.zombies() == []
+    assert rig.server.poll() is None
+
+
+# --------------------------------------------------------------------------- 3. numbers from outside
+
+
+@pytest.mark.parametrize("port", ["\u00b2", "9" * 5000, "0", "65536", "1_000", "\u0661\u0662"])
+def test_a_condor_inherit_with_a_port_that_is_no_port_warns_once_and_the_ft_gahp_starts(make_rig, port):
+    rig = make_rig()
+    rig.start_server()
+    s = rig.session("condor_ft-gahp", env=ft_env(rig, "4242 <127.0.0.1:%s?sock=x> 0" % port))
+    assert s.banner().startswith("$GahpVersion")
+    status, err = s.finish()
+    assert status == 0
+    lines = err.splitlines()
+    assert len(lines) == 1 and "cannot find the GridManager's address in CONDOR_INHERIT" in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("wait", ["\u0665", "1_0", "nan", " 5"])
+def test_a_wait_that_is_no_number_is_a_usage_error(make_rig, wait):
+    rig = make_rig()
+    result = rig.run_client("blahpd", env=rig.env(RVGAHP_WAIT=wait))
+    assert result.returncode == 2, result
+    assert "the wait must be 0 to 3600 seconds" in one_line(result)
+
+
+def test_a_tunnel_frame_naming_a_session_that_is_no_number_is_refused_and_the_link_stays(default_flavor):
+    d = harness.short_tempdir("bp")
+    proxy = BareProxy(default_flavor, os.path.join(d, "p.sock"))
+    try:
+        assert proxy.hello(features="tunnel,wide_tunnel")
+        harness.wait_for(lambda: "link up: server pid" in proxy.log(), 20, what="the proxy's link up:\n" + proxy.log())
+        cid = rvgahp.TUNNEL_CHANNEL | 7
+        assert proxy.send(rvgahp.frame(rvgahp.TUNNEL, cid, rvgahp.encode_fields({"session": "\u00b2"})))
+        assert proxy.send(rvgahp.frame(rvgahp.PING, 0, b"still there?"))
+        harness.wait_for(lambda: proxy.got(rvgahp.PONG, b"still there?") or proxy.proc.poll() is not None, 20, what="a PONG")
+        assert proxy.proc.poll() is None, proxy.log()
+        closes = [p for k, c, p in proxy.frames if k == rvgahp.CLOSE and c == cid]
+        assert closes and "no open session" in rvgahp.decode_fields(closes[0])["error"], proxy.frames
+        assert "link down" not in proxy.log() and "internal error" not in proxy.log(), proxy.log()
+    finally:
+        proxy.close()
+        subprocess.run(["rm", "-rf", d])
+
+
+def test_the_number_parsers_take_ascii_numbers_in_range_and_nothing_else():
+    assert [rvgahp.whole_number(t, 1, 65535) for t in ("1", "65535", "007")] == [1, 65535, 7]
+    for text in ("", "0", "65536", "\u00b2", "\u0661", "1_0", " 1", "+1", "-1", "1.0", "9" * 5000):
+        assert rvgahp.whole_number(text, 1, 65535) is None, text
+    assert [rvgahp.plain_number(t) for t in ("2", "0.5", "1e7", "-5", "inf")] == [2.0, 0.5, 1e7, -5.0, float("inf")]
+    for text in ("", "nan", "1_0", "\u0665", " 2", "2 ", "x", "9" * 41):
+        assert rvgahp.plain_number(text) is None, text
+
+
+# --------------------------------------------------------------------------- 9. booleans
+
+
+def test_an_invalid_boolean_stops_the_server_at_start_naming_the_line_and_the_words(make_rig):
+    rig = make_rig(config_extra="RVGAHP_FT_TUNNEL = off\n")
+    result = run_server(rig)
+    assert result.returncode == 1
+    line = one_line(result)
+    lineno = len(harness.read_text(rig.config).splitlines())
+    assert line == "rvgahp_server: config %s:%d: %s" % (rig.config, lineno, BOOLEAN_ERROR), line
+
+
+@pytest.mark.parametrize("word", ["TRUE", "yes", "1", "False", "no", "0"])
+def test_the_booleans_htcondor_writes_are_taken(make_rig, word):
+    config = rvgahp.Config("c", "RVGAHP_FT_TUNNEL = %s\n" % word)
+    config.check_knobs()
+    assert config.boolean("RVGAHP_FT_TUNNEL", None) is (word.lower() in ("true", "yes", "1"))
+
+
+# --------------------------------------------------------------------------- 8. files that are not files
+
+
+def make_kind(path, kind, keep):
+    """Put a thing of this kind at path (keep holds what must stay open)."""
+    if os.path.lexists(path):
+        os.unlink(path)
+    if kind == "a directory":
+        os.mkdir(path)
+    elif kind == "a FIFO":
+        os.mkfifo(path)
+    elif kind == "a character device":
+        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    elif kind == "a socket":
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(path)
+        keep.append(s)
+    elif kind == "a dangling symlink":
+        os.symlink(path + ".missing", path)
+
+
+KINDS = ["a directory", "a FIFO", "a character device", "a socket", "a dangling symlink"]
+
+
+def kind_words(kind, path):
+    """What the one line must say about a thing of this kind."""
+    if kind == "a dangling symlink":
+        return ("symbolic link",)
+    return ("it is %s" % kind,)
+
+
+def remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        os.rmdir(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("which", ["config", "transport", "log file", "pid file"])
+def test_a_file_of_the_servers_that_is_not_a_file_at_start_is_one_line(make_rig, which, kind):
+    if kind == "a character device" and os.geteuid() != 0:
+        pytest.skip("making a device needs root")
+    rig = make_rig()
+    args = []
+    if which == "config":
+        path = rig.config
+    elif which == "transport":
+        path = rig.transport
+    elif which == "log file":
+        path = os.path.join(rig.dir, "server.log")
+        args = ["-l", path]
+    else:
+        path = os.path.join(rig.dot, "rvgahp_server.%s.pid" % rvgahp.host_tag())
+    keep = []
+    make_kind(path, kind, keep)
+    try:
+        result = run_server(rig, *args)
+    finally:
+        for s in keep:
+            s.close()
+    assert result.returncode == 1, result
+    line = one_line(result)
+    assert path in line, line
+    for words in kind_words(kind, path):
+        assert words in line, line
+    assert "Traceback" not in result.stderr.decode()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_files_a_session_needs_that_turn_into_other_things_while_running_refuse_it_and_the_server_serves_on(make_rig, kind):
+    if kind == "a character device" and os.geteuid() != 0:
+        pytest.skip("making a device needs root")
+    gahp = os.path.join(harness.short_tempdir("gh"), "blahpd")
+    with open(gahp, "w") as f:
+        f.write('#!/bin/sh\nexec %s "$@"\n' % harness.TESTGAHP)
+    os.chmod(gahp, 0o755)
+    stderr_log = os.path.join(harness.short_tempdir("gl"), "gahp.err")
+    rig = make_rig(gahp=gahp, config_extra="RVGAHP_SPARE_GAHPS = 0\nRVGAHP_GAHP_STDERR = %s\n" % stderr_log)
+    rig.start_server()
+    assert_still_serving(rig)
+    with open(rig.config) as f:
+        good_config = f.read()
+    for what, path in (("config", rig.config), ("BATCH_GAHP", gahp), ("the GAHP stderr log", stderr_log)):
+        keep = []
+        saved = None
+        if what == "BATCH_GAHP":
+            with open(gahp) as f:
+                saved = f.read()
+        make_kind(path, kind, keep)
+        try:
+            line = one_line(rig.run_client("blahpd", timeout=60))
+        finally:
+            for s in keep:
+                s.close()
+            remove(path)
+            if what == "config":
+                with open(path, "w") as f:
+                    f.write(good_config + "# restored\n")
+            elif what == "BATCH_GAHP":
+                with open(path, "w") as f:
+                    f.write(saved)
+                os.chmod(path, 0o755)
+        assert "refused blahpd" in line and path in line, (what, line)
+        for words in kind_words(kind, path):
+            assert words in line, (what, line)
+        assert rig.server.poll() is None
+        assert_still_serving(rig)
+
+
+# --------------------------------------------------------------------------- 18. a GAHP that dies before its banner
+
+
+DIES_EARLY = """#!/bin/sh
+echo "Cannot open log file '/var/lib/condor/log/FTGahpLog'" >&2
+exit 4
+"""
+
+
+def test_a_gahp_that_dies_before_its_banner_is_explained_on_stderr_before_the_gridmanager_sees_eof(make_rig):
+    gahp = os.path.join(harness.short_tempdir("gd"), "condor_ft-gahp")
+    with open(gahp, "w") as f:
+        f.write(DIES_EARLY)
+    os.chmod(gahp, 0o755)
+    rig = make_rig(gahp=gahp)
+    rig.start_server()
+    s = rig.session("condor_ft-gahp", env=ft_env(rig))
+    # As the GridManager does: read stdout to EOF; by then the cause must be waiting on
+    # stderr, or HTCondor's "Failed to start GAHP:" shows only what came before it.
+    assert s.read_to_eof(timeout=30) == b""
+    err_fd = s.proc.stderr.fileno()
+    os.set_blocking(err_fd, False)
+    ready, _, _ = select.select([err_fd], [], [], 0)
+    early = os.read(err_fd, 65536).decode() if ready else ""
+    lines = early.splitlines()
+    stderr_log = os.path.join(rig.dot, "gahp_stderr.%s.log" % rvgahp.host_tag())
+    assert lines[0].startswith("Allocated port "), early
+    assert lines[-1] == (
+        "rvgahp_client: condor_ft-gahp session ended: exit 4 before its banner; the last line of %s on the cluster: "
+        "Cannot open log file '/var/lib/condor/log/FTGahpLog'" % stderr_log
+    ), early
+    assert s.proc.wait(15) == 1
+    assert "did not start: exit 4 before its banner" in harness.read_text(rig.proxy_log)
+    assert rig.server.poll() is None
+
+
+# --------------------------------------------------------------------------- 14. a server whose files are removed
+
+
+@pytest.mark.parametrize("which", ["transport", "config"])
+def test_a_server_whose_files_are_removed_says_so_once_and_exits(make_rig, which):
+    rig = make_rig()
+    rig.start_server()
+    path = rig.transport if which == "transport" else rig.config
+    os.unlink(path)
+    os.kill(rig.proxy_pid(), 9)  # the link ends, as when setup --remove stops the proxy
+    assert rig.server.wait(60) == 1
+    log = rig.log_text()
+    assert log.count("its %s %s is gone, so this server stops" % (which, path)) == 1, log
+    assert "next login attempt" not in log.split("is gone")[-1]
