@@ -1023,7 +1023,7 @@ class Channel:
             self.loop.on_readable(self.source_fd, self._on_source if want else None)
 
     def _source_readable(self):
-        data = read_some(self.source_fd, READ_SIZE if self.credit >= READ_SIZE else self.credit)
+        data = self.read_source(READ_SIZE if self.credit >= READ_SIZE else self.credit)
         if data is None:
             return
         if not data:
@@ -1035,6 +1035,10 @@ class Channel:
         self.link.send(DATA, self.cid, data)
         if self.credit <= 0 or self.link.congested:  # only then can the answer change
             self.refresh()
+
+    def read_source(self, size):
+        """Bytes from the source; b"" at its end (or when its writer is gone); None if none yet."""
+        return read_some(self.source_fd, size)
 
     def end_source(self):
         """The source is finished: tell the peer with EOF, once."""
@@ -2812,6 +2816,29 @@ class TunnelConn(Channel):
 
     def summary(self):
         return "%.1f s, %s sent, %s received" % (self.age(), human_bytes(self.sent), human_bytes(self.received))
+
+    def read_source(self, size):
+        """As Channel's, except that a reset is not an end: the far end must be reset too,
+        or a transfer cut off here would look finished there."""
+        try:
+            return os.read(self.source_fd, size)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as e:
+            self.was_reset(e.strerror)
+            return None
+
+    def _sink_gone(self):
+        """Our socket's reader reset it, or closed it with bytes still coming: those bytes
+        are lost, so the far end learns it the same way."""
+        self.was_reset("the connection is gone with bytes still to deliver")
+
+    def was_reset(self, why):
+        if self.released:
+            return
+        side = "the GridManager" if self.at_gridmanager else "the ft-gahp"
+        self.log.info("session %d: tunnel: %s reset its connection (%s) after %s" % (self.session.cid, side, why, self.summary()))
+        self.abort("reset by %s: %s" % (side, why))
 
     def _close_source(self):
         self.source_done = True

@@ -15,6 +15,7 @@ import os
 import select
 import socket
 import stat
+import struct
 import subprocess
 import sys
 
@@ -286,3 +287,79 @@ def test_a_server_whose_files_are_removed_says_so_once_and_exits(make_rig, which
     log = rig.log_text()
     assert log.count("its %s %s is gone, so this server stops" % (which, path)) == 1, log
     assert "next login attempt" not in log.split("is gone")[-1]
+
+
+# --------------------------------------------------------------------------- 2. a reset is a reset, both ways
+
+
+class ResettingEndpoint:
+    """The GridManager's file-transfer port, played by hand: accept one connection at a time."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(30)
+        self.port = self.sock.getsockname()[1]
+
+    def inherit(self):
+        return "4242 <127.0.0.1:%d?addrs=127.0.0.1-%d&sock=gm_1> 0" % (self.port, self.port)
+
+    def accept(self):
+        conn, _ = self.sock.accept()
+        conn.settimeout(30)
+        return conn
+
+
+def reset(sock):
+    """Close with SO_LINGER 0: the kernel sends RST, not FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def outcome(sock):
+    """What the next read sees: "reset", "eof", or the bytes."""
+    try:
+        data = sock.recv(65536)
+    except ConnectionResetError:
+        return "reset"
+    return "eof" if data == b"" else data
+
+
+def tunnel_port_of(session):
+    lines = [line for line in session.err_at_banner.splitlines() if line.startswith("Allocated port ")]
+    assert len(lines) == 1, session.err_at_banner
+    return int(lines[0].split()[2])
+
+
+@pytest.mark.parametrize("who", ["the GridManager", "the ft-gahp"])
+def test_a_reset_at_either_end_of_a_tunnel_connection_reaches_the_other_end_as_a_reset(make_rig, who):
+    from test_tunnel import start_ft
+
+    rig = make_rig()
+    rig.start_server()
+    gm = ResettingEndpoint()
+    s = start_ft(rig, gm.inherit())
+    cluster_side = socket.create_connection(("127.0.0.1", tunnel_port_of(s)), timeout=30)
+    cluster_side.sendall(b"the first bytes of a sandbox")
+    gm_side = gm.accept()
+    got = b""
+    while len(got) < len(b"the first bytes of a sandbox"):
+        got += gm_side.recv(65536)
+    cut, other = (gm_side, cluster_side) if who == "the GridManager" else (cluster_side, gm_side)
+    reset(cut)
+    assert outcome(other) == "reset", "a transfer cut off by %s must not look finished at the other end" % who
+    other.close()
+    text = rig.log_text() + harness.read_text(rig.proxy_log)
+    harness.wait_for(lambda: "reset its connection" in rig.log_text() + harness.read_text(rig.proxy_log), 30, what="the reset logged")
+    assert "%s reset its connection" % who in rig.log_text() + harness.read_text(rig.proxy_log), text
+    # The slot is free and the session carries the next transfer as before.
+    again = socket.create_connection(("127.0.0.1", tunnel_port_of(s)), timeout=30)
+    again.sendall(b"next")
+    gm_side = gm.accept()
+    assert gm_side.recv(4) == b"next"
+    gm_side.sendall(b"answer")
+    assert again.recv(6) == b"answer"
+    again.close()
+    gm_side.close()
+    assert s.finish()[0] == 0
