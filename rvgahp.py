@@ -1882,6 +1882,7 @@ class Backoff:
     def __init__(self, cap):
         self.cap = cap
         self.failures = 0
+        self.short_links = 0  # of those failures, links that came up but ended early
         self.logins = []  # start times of recent attempts that reached sshd
 
     def next_delay(self, started, held_for, now, reached=True):
@@ -1889,10 +1890,11 @@ class Backoff:
             return UNREACHED_RETRY * (0.75 + 0.5 * jitter())
         self.logins = [t for t in self.logins if now - t < LOGIN_WINDOW] + [started]
         if held_for is not None and held_for >= LINK_STABLE:
-            self.failures = 0
+            self.failures = self.short_links = 0
             delay = 0.0
         else:
             self.failures += 1
+            self.short_links += held_for is not None
             steps = self.failures - (1 if held_for is not None else 0)
             delay = 0.0
             if steps > 0:
@@ -1905,6 +1907,17 @@ class Backoff:
         if len(recent) < MAX_LOGINS_PER_MINUTE:
             return 0.0
         return max(0.0, recent[-MAX_LOGINS_PER_MINUTE] + LOGIN_WINDOW - now)
+
+    def streak(self):
+        """The attempts since the last stable link, in words: a link that came up and
+        ended early backs off too, but it was no failed login, and must not read as one."""
+        failed = self.failures - self.short_links
+        parts = []
+        if failed:
+            parts.append("%d failed login%s" % (failed, "" if failed == 1 else "s"))
+        if self.short_links:
+            parts.append("%d link%s that ended within %g s" % (self.short_links, "" if self.short_links == 1 else "s", LINK_STABLE))
+        return " and ".join(parts) + " in a row"
 
     def recent(self, now, window=3600.0):
         return len([t for t in self.logins if now - t < window])
@@ -2179,7 +2192,7 @@ class Server:
         if not reached:
             self.log.info("the submit host was not reached, so that was no login; trying again in %.1f s" % delay)
         elif delay > 0:
-            self.log.info("next login attempt in %.1f s (%d failed in a row)" % (delay, self.backoff.failures))
+            self.log.info("next login attempt in %.1f s (%s)" % (delay, self.backoff.streak()))
         else:
             self.log.info("reconnecting now")
         self.next_attempt = self.loop.call_later(delay, self._attempt_due)
@@ -2203,7 +2216,7 @@ class Server:
             self.log.info("asked to reconnect now, but the link is %s" % ("up" if self.link_up_at else "being attempted"))
             return
         self.next_attempt.cancel()
-        self.backoff.failures = 0
+        self.backoff.failures = self.backoff.short_links = 0
         wait = self.backoff.cap_delay(time.monotonic())
         if wait > 0:
             self.log.info("asked to reconnect now (another start); the login limit allows the next one in %.1f s" % wait)
@@ -2474,24 +2487,28 @@ class Spare:
         self.child.stop(GAHP_TERM_AFTER, GAHP_KILL_AFTER)
 
 
-def last_line_of(path, limit=4096):
-    """The last non-blank line of a log file, at most 300 characters; "" if none can be read."""
+def last_line_of(path, limit=4096, all_lines=False):
+    """The last non-blank line of a log file, at most 300 characters; "" if none can be
+    read. With all_lines, the non-blank lines of its last `limit` bytes instead."""
+    nothing = [] if all_lines else ""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = posix.open(path, posix.O_RDONLY | posix.O_NONBLOCK | posix.O_CLOEXEC)
     except OSError:
-        return ""
+        return nothing
     try:
-        st = os.fstat(fd)
+        st = posix.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            return ""
-        os.lseek(fd, max(0, st.st_size - limit), os.SEEK_SET)
-        lines = os.read(fd, limit).decode("utf-8", "replace").splitlines()
+            return nothing
+        posix.lseek(fd, max(0, st.st_size - limit), 0)
+        lines = posix.read(fd, limit).decode("utf-8", "replace").splitlines()
     except OSError:
-        return ""
+        return nothing
     finally:
-        os.close(fd)
-    lines = [line.strip() for line in lines if line.strip()]
-    return printable(lines[-1][:300]) if lines else ""
+        posix.close(fd)
+    lines = [printable(line.strip()[:300]) for line in lines if line.strip()]
+    if all_lines:
+        return lines
+    return lines[-1] if lines else ""
 
 
 class ServerSession(Channel):
@@ -3166,7 +3183,7 @@ class Proxy:
                 "features": sorted(link.features.intersection(FEATURES)),  # what both ends use
             },
             "server": {
-                "pid": peer.get("pid", "?"),
+                "pid": whole_number(peer.get("pid", ""), 1, 2**31 - 1),  # a number, as the proxy's; None if it did not say
                 "host": peer.get("host", "?"),
                 "rvgahp": peer.get("rvgahp", "?"),
                 "logins_1h": peer_count(peer, "logins_1h"),
@@ -3859,7 +3876,33 @@ def connect_to_proxy(sockpath, deadline, wait, last_reason=None):
 def no_server_error(sockpath, wait, last_reason):
     if last_reason:
         return UserError("no rvgahp server is connected to %s (waited %g s); the last link ended: %s" % (sockpath, wait, last_reason))
+    last = last_link_news(sockpath + ".log")
+    if last:
+        return UserError(
+            "no rvgahp server is connected to %s (waited %g s); %s; rvgahp_server on the cluster logs in again by itself "
+            "(its log: ~/.rvgahp/rvgahp_server.HOST.log there)" % (sockpath, wait, last)
+        )
     return UserError("no rvgahp server is connected to %s (waited %g s); is rvgahp_server running on the cluster?" % (sockpath, wait))
+
+
+def last_link_news(proxy_log):
+    """How the last link to the socket ended, from its proxy's log (ours only), or None.
+
+    The proxy leaves with its link, so its log is what remembers an outage: a client
+    that finds nobody should say "down since 12:03 (ping timeout)", not guess."""
+    try:
+        if posix.stat(proxy_log).st_uid != posix.getuid():
+            return None
+    except OSError:
+        return None
+    for line in reversed(last_line_of(proxy_log, limit=16384, all_lines=True)):
+        when, _, rest = line.partition(" rvgahp_proxy[")
+        message = rest.partition("]: ")[2]
+        if message.startswith("link down: "):
+            return "its last link went down at %s (%s)" % (when[:19], message[len("link down: ") :])
+        if message.startswith("link up: "):
+            return "its last link came up at %s and its proxy has since gone without a word" % when[:19]
+    return None
 
 
 def check_proxy_owner(sock, sockpath):
@@ -4085,10 +4128,17 @@ def show_status(sockpath, as_json=False):
         check_proxy_owner(sock, sockpath)
     except (OSError, socket.timeout) as e:
         sock.close()
-        raise UserError(
-            "no rvgahp proxy is serving %s (%s): the link is down, or rvgahp_server is not running on the cluster"
-            % (sockpath, getattr(e, "strerror", None) or e)
+        reason = "no rvgahp proxy is serving %s (%s): the link is down, or rvgahp_server is not running on the cluster" % (
+            sockpath,
+            getattr(e, "strerror", None) or e,
         )
+        if as_json:  # a monitoring script reads stdout: give it a state, not silence
+            import json
+
+            last = last_link_news(sockpath + ".log")
+            sys.stdout.write(json.dumps({"socket": sockpath, "state": "no proxy", "reason": reason, "last_link": last}, sort_keys=True) + "\n")
+            return 1
+        raise UserError(reason)
     except BaseException:
         sock.close()
         raise
@@ -4132,7 +4182,7 @@ def status_report(status):
         (
             "server",
             "pid %s on %s, rvgahp %s%s"
-            % (server["pid"], server["host"], server["rvgahp"], logins if server["logins_1h"] is not None else ""),
+            % (server["pid"] or "?", server["host"], server["rvgahp"], logins if server["logins_1h"] is not None else ""),
         ),
         ("ping", "every %g s, dead after %g s, last round trip %s" % (link["ping_interval"], link["ping_timeout"], rtt)),
         ("sessions", "%d open, %d since the proxy started, %d refused" % (totals["open"], totals["sessions"], totals["refused"])),
@@ -4178,7 +4228,7 @@ def proxy_main(args):
     parser.add_argument("--log", metavar="FILE", help="also log here (default: SOCKPATH.log)")
     parser.add_argument("--no-log-file", action="store_true", help="log to stderr only")
     parser.add_argument("--log-max-size", type=int, default=10 * 1000 * 1000, metavar="BYTES", help="rotate the log file past this size")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more: the traceback behind each internal error")
     parser.add_argument("--version", action="version", version="rvgahp_proxy %s" % VERSION)
     opts = parser.parse_args(args)
     log = Log("proxy")
@@ -4215,7 +4265,7 @@ def server_main(args):
     parser.add_argument(
         "-t", dest="transport", metavar="TRANSPORT", help="the transport script run with /bin/sh (default ~/.rvgahp/rvgahp_ssh)"
     )
-    parser.add_argument("-v", dest="verbose", action="store_true", help="log more")
+    parser.add_argument("-v", dest="verbose", action="store_true", help="log more: the traceback behind each internal error")
     parser.add_argument("--version", action="version", version="rvgahp_server %s" % VERSION)
     opts = parser.parse_args(args)
     ensure_std_fds()  # first: a log or lock opened as fd 0-2 would be clobbered later

@@ -363,3 +363,58 @@ def test_a_reset_at_either_end_of_a_tunnel_connection_reaches_the_other_end_as_a
     again.close()
     gm_side.close()
     assert s.finish()[0] == 0
+
+
+# --------------------------------------------------------------------------- 17. messages that must not mislead
+
+
+def test_a_client_during_an_outage_is_told_when_the_last_link_went_down_and_why(make_rig):
+    from test_hardening import unreachable_transport
+
+    rig = make_rig()
+    rig.start_server()
+    rig.write_transport(unreachable_transport(rig))  # the network is down from now on
+    os.kill(rig.transport_pid(), 9)
+    harness.wait_for(lambda: "link down: " in harness.read_text(rig.proxy_log), 30, what="the proxy's link down")
+    harness.wait_for(lambda: not os.path.exists(rig.sock), 30, what="the proxy gone")
+    line = one_line(rig.run_client("blahpd", env=rig.env(RVGAHP_WAIT="1")))
+    assert "no rvgahp server is connected to %s (waited 1 s); its last link went down at 20" % rig.sock in line, line
+    assert "rvgahp_server on the cluster logs in again by itself" in line, line
+    assert "is rvgahp_server running" not in line
+    # And a monitoring script gets JSON with a state, and exit 1, not silence.
+    result = subprocess.run(rig.flavor.argv("client", "--status", "--json", rig.sock), capture_output=True, timeout=30)
+    assert result.returncode == 1
+    import json
+
+    status = json.loads(result.stdout.decode())
+    assert status["state"] == "no proxy" and status["socket"] == rig.sock, status
+    assert status["last_link"].startswith("its last link went down at"), status
+
+
+def test_links_that_came_up_and_ended_early_are_not_called_failed_logins():
+    b = rvgahp.Backoff(300.0)
+    now = 1000.0
+    b.next_delay(now - 15, 15.0, now)  # up 15 s: the first early drop is the network
+    b.next_delay(now, 15.0, now + 15)
+    assert b.streak() == "2 links that ended within 30 s in a row"
+    b.next_delay(now + 20, None, now + 25)  # a login that gave no link
+    assert b.streak() == "1 failed login and 2 links that ended within 30 s in a row"
+    b.next_delay(now + 30, 31.0, now + 61)  # a stable link ends the streak
+    assert (b.failures, b.short_links) == (0, 0)
+
+
+def test_the_status_gives_both_pids_as_numbers(make_rig):
+    rig = make_rig()
+    rig.start_server()
+    result = subprocess.run(rig.flavor.argv("client", "--status", "--json", rig.sock), capture_output=True, timeout=30)
+    assert result.returncode == 0, result
+    import json
+
+    status = json.loads(result.stdout.decode())
+    assert status["server"]["pid"] == rig.server.pid and status["proxy"]["pid"] == rig.proxy_pid(), status
+
+
+def test_the_proxys_verbose_flag_says_what_it_does(default_flavor):
+    result = subprocess.run(default_flavor.argv("proxy", "--help"), capture_output=True, timeout=30)
+    text = " ".join(result.stdout.decode().split())
+    assert "-v, --verbose log more: the traceback behind each internal error" in text, text
