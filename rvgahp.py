@@ -124,6 +124,9 @@ STANDBY_POLL = 1.0  # a standby proxy tries the socket's lock this often (no log
 REQUEST_TIMEOUT = 10.0  # a client connection that has not sent its request by then is closed
 QUIET_AFTER = 1.0  # a new session on a link silent this long probes it at once...
 PROBE_TIMEOUT = 3.0  # ...and a link that stays silent this long after the probe is dead
+# (A session's command that has no answer for QUIET_AFTER probes the link the same way,
+# so a dead network is found within seconds of a GridManager waiting on it.)
+FAILOVER_WAIT = 10.0  # a client whose link died before its GAHP started waits this long for the next
 UNREACHED_RETRY = 3.0  # an attempt that never reached sshd is no login: retry this soon
 TUNNEL_CONNECT_TIMEOUT = 20.0  # the proxy gives up on a GridManager endpoint after this
 
@@ -749,9 +752,9 @@ class Link:
 
     # slots: see FrameReader
     __slots__ = (
-        "channels", "closed", "congested", "ended_by_peer", "events", "features", "last_heard",
+        "answer_timer", "awaiting", "channels", "closed", "congested", "ended_by_peer", "events", "features", "last_heard",
         "last_ping", "log", "loop", "outbox", "peer", "ping_interval", "ping_timeout", "pong_mark",
-        "prelude", "probe_sent", "reader", "rfd", "rtt", "synced", "timer", "wfd",
+        "prelude", "probe_sent", "reader", "rfd", "rtt", "synced", "timer", "watch_answers", "wfd",
     )  # fmt: skip
 
     def __init__(self, loop, log, rfd, wfd, events):
@@ -777,6 +780,9 @@ class Link:
         self.probe_sent = None
         self.timer = None
         self.rtt = None
+        self.watch_answers = False  # the proxy's: its sessions wait on the peer's answers
+        self.awaiting = None  # since when a session's frame has gone unanswered
+        self.answer_timer = None
 
     def start(self, hello):
         os.set_blocking(self.rfd, False)
@@ -796,6 +802,10 @@ class Link:
             return
         # Header and payload go out as two chunks of one writev: no copy to join them.
         self.outbox.write(HEADER.pack(kind, channel, len(payload)), payload)
+        if self.awaiting is None and self.watch_answers and kind in (DATA, OPEN):
+            self.awaiting = time.monotonic()
+            if self.answer_timer is None:
+                self.answer_timer = self.loop.call_later(QUIET_AFTER, self._answer_due)
         if not self.congested and self.outbox.size > LINK_HIGH_WATER:
             self.congested = True
             self.outbox.on_written = self._written  # what leaves matters only now
@@ -844,6 +854,20 @@ class Link:
         wait = min(PROBE_TIMEOUT, self.ping_timeout)
         self.loop.call_later(wait, lambda: self._probe_over(now, wait))
 
+    def _answer_due(self):
+        """A session's frame went out a while ago: if nothing at all has come back since,
+        probe, so the GridManager hears of a dead link in seconds, not at the ping timeout.
+        (A live peer answers the probe even while its GAHP takes minutes over a command.)"""
+        self.answer_timer = None
+        if self.awaiting is None or self.closed:
+            return  # answered
+        left = self.awaiting + QUIET_AFTER - time.monotonic()
+        if left > 0:  # a later frame, sent after an answer: its own wait
+            self.answer_timer = self.loop.call_later(left, self._answer_due)
+            return
+        self.awaiting = None
+        self.probe()
+
     def _probe_over(self, sent, wait):
         self.probe_sent = None
         if not self.closed and self.last_heard < sent:
@@ -858,6 +882,7 @@ class Link:
             self.close("the peer closed the link" if self.synced else "the transport ended before the link started")
             return
         self.last_heard = time.monotonic()
+        self.awaiting = None
         if not self.synced:
             data = self._skip_prelude(data)
             if data is None:
@@ -2960,6 +2985,7 @@ class Proxy:
         check_socket_path(self.sockpath)
         rfd, wfd = take_stdio_for_link()
         self.link = Link(self.loop, self.log, rfd, wfd, self)
+        self.link.watch_answers = True
         self.loop.on_signal(signal.SIGTERM, self.shutdown)
         self.loop.on_signal(signal.SIGINT, self.shutdown)
         self.loop.on_signal(signal.SIGHUP, self.log.reopen_after_sighup)
@@ -3122,6 +3148,10 @@ class Proxy:
             pass
         self.listener.close()
         self.listener = None
+        # The lock too: a standby link takes the socket over at its next try, not after
+        # this proxy has finished draining and exited.
+        close_fd(self.lock_fd)
+        self.lock_fd = None
 
     def accept(self):
         accept_waiting(self.loop, self.log, self.listener, "cannot accept a client", self._take_client)
@@ -4031,6 +4061,7 @@ def run_client(sockpath, gahp, wait):
         fields.update(tunnel_to=tunnel[0], tunnel_host=tunnel[1], tunnel_port=tunnel[2])
     request = frame(OPEN, 0, encode_fields(fields))
     last_reason = None
+    retried = False
     while True:
         sock = connect_to_proxy(sockpath, deadline, wait, last_reason)
         try:
@@ -4050,8 +4081,12 @@ def run_client(sockpath, gahp, wait):
             raise UserError("the rvgahp %s refused %s: %s" % (by, gahp, reply[1].get("reason", "no reason given")))
         if reply is not None and reply[0] != RETRY:
             raise UserError("unexpected reply %s from the rvgahp proxy" % FRAME_NAMES.get(reply[0], reply[0]))
-        # The link went down before our GAHP started; a new one may come up in time.
+        # The link went down before our GAHP started. A standby link takes the socket over
+        # within a second or two, and a new login may follow: wait for one, once.
         last_reason = None if reply is None else reply[1].get("reason")
+        if not retried:
+            retried = True
+            deadline = max(deadline, time.monotonic() + FAILOVER_WAIT)
         if time.monotonic() >= deadline:
             raise no_server_error(sockpath, wait, last_reason)
         time.sleep(0.05)
@@ -4136,7 +4171,9 @@ def show_status(sockpath, as_json=False):
             import json
 
             last = last_link_news(sockpath + ".log")
-            sys.stdout.write(json.dumps({"socket": sockpath, "state": "no proxy", "reason": reason, "last_link": last}, sort_keys=True) + "\n")
+            sys.stdout.write(
+                json.dumps({"socket": sockpath, "state": "no proxy", "reason": reason, "last_link": last}, sort_keys=True) + "\n"
+            )
             return 1
         raise UserError(reason)
     except BaseException:

@@ -13,6 +13,7 @@ real HTCondor found, each replayed with real processes over the real sshd.
 
 import os
 import select
+import signal
 import socket
 import stat
 import struct
@@ -418,3 +419,54 @@ def test_the_proxys_verbose_flag_says_what_it_does(default_flavor):
     result = subprocess.run(default_flavor.argv("proxy", "--help"), capture_output=True, timeout=30)
     text = " ".join(result.stdout.decode().split())
     assert "-v, --verbose log more: the traceback behind each internal error" in text, text
+
+
+# --------------------------------------------------------------------------- 16. a silent link, found in seconds
+
+
+def test_after_a_hard_failover_the_first_session_is_served_by_the_standby(make_rig):
+    """kill -9 of the active login node's server with its network down: its ssh and the
+    submit host's sshd session are stopped, so the link neither speaks nor closes. With
+    the default 45 s ping timeout, only the session's own probe can find that out."""
+    first = make_rig(ping_interval=15, ping_timeout=45)
+    first.start_server()
+    second = make_rig(ping_interval=15, ping_timeout=45)  # the standby login node, same socket
+    second.sock = first.sock
+    second.write_transport()
+    second.start_server(wait=False)
+    harness.wait_for(lambda: "link up as a hot standby" in second.log_text(), 30, what="the standby link")
+    frozen = [first.transport_pid(), first.sshd_session_pid()]
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)  # the network is down: nothing moves, nothing closes
+    try:
+        first.server.kill()  # and the node is gone
+        first.server.wait()
+        s = first.session("blahpd")  # the GridManager's next start, on the default 5 s wait
+        assert s.banner(timeout=120).startswith("$GahpVersion")
+        assert s.command("CWD") == "S " + second.home, "served by the standby's server"
+        assert s.finish() == (0, "")
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGKILL)
+    assert "the link went silent: no answer to a probe" in harness.read_text(first.proxy_log)
+    assert "link active: the standby proxy took over" in second.log_text()
+
+
+def test_a_command_waiting_on_a_silent_link_gets_an_error_in_seconds_not_at_the_ping_timeout(make_rig):
+    rig = make_rig(ping_interval=15, ping_timeout=45)
+    rig.start_server()
+    s = rig.session("blahpd")
+    assert s.banner().startswith("$GahpVersion")
+    ssh = rig.transport_pid()
+    os.kill(ssh, signal.SIGSTOP)
+    try:
+        s.send("ECHO are you there")
+        # The session ends, named for a silent link (found by a probe), not at the ping
+        # timeout, which would come after the GridManager's own 20 s had run out.
+        with pytest.raises(EOFError):
+            s.readline(timeout=120)
+        status, err = s.finish()
+    finally:
+        os.kill(ssh, signal.SIGKILL)
+    assert status == 1
+    assert "the link went silent: no answer to a probe" in err, err
