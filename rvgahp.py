@@ -102,7 +102,9 @@ MAX_FIELDS = 4096  # a hello, a request, a reply
 MAX_NOISE = 64 * 1024  # what a login shell may print before the link starts
 MAX_LOG_LINE = 2000
 MAX_SESSIONS = 1000
-MAX_TUNNEL_CONNECTIONS = 256  # per session; the ft-gahp opens one per transfer command
+MAX_TUNNEL_CONNECTIONS = 256  # per session; the ft-gahp opens one per transfer command, and
+# more wait in the kernel's accept queue until one ends (never refused for the count)
+MAX_TUNNEL_AT_PROXY = 2 * MAX_TUNNEL_CONNECTIONS  # the proxy's own bound: its count trails the server's
 MAX_STATUS_SESSIONS = 200  # a status reply lists at most this many sessions
 MAX_MACRO_DEPTH = 64  # deeper nesting in a config is a mistake, not a real config
 
@@ -1755,7 +1757,8 @@ def accept_waiting(loop, log, listener, what, take):
             log.info("%s: %s; pausing accepts for 1 s" % (what, e.strerror))
             pause_accepts(loop, listener, 1.0)
             return
-        take(socket.socket(listener.family, socket.SOCK_STREAM, 0, fd), peer)
+        if take(socket.socket(listener.family, socket.SOCK_STREAM, 0, fd), peer) is False:
+            return  # it wants no more for now
 
 
 def pause_accepts(loop, listener, seconds):
@@ -1893,6 +1896,48 @@ class Child:
         self.timers.append(self.loop.call_later(term_after, lambda: send("SIGTERM", lambda: send("SIGKILL", None))))
 
 
+class LogSummary:
+    """Log lines that another user can cause, at most one a minute of each kind.
+
+    The first of a kind is logged at once; the rest of that minute are counted and
+    summed up in one line when the minute is over (or sooner, by flush), so nobody can
+    rotate the owner's log history away by knocking on a port."""
+
+    PERIOD = 60.0
+    MAX_KINDS = 64  # kinds counted at once; the rest share one count
+
+    def __init__(self, loop, log):
+        self.loop = loop
+        self.log = log
+        self.counts = {}  # (what, whose) -> how many since that kind's line
+        self.timer = None
+
+    def note(self, what, whose, why=""):
+        """One more of `what` (e.g. "session 3: tunnel: closed"), `whose` (e.g. "from
+        uid 999 (rvgadv)"); the first of a kind is logged with why."""
+        key = (what, whose)
+        if key in self.counts:
+            self.counts[key] += 1
+            return
+        if len(self.counts) >= self.MAX_KINDS:
+            key = (what, "of other kinds")
+            self.counts[key] = self.counts.get(key, 0) + 1
+            return
+        self.counts[key] = 0
+        self.log.info("%s a connection %s%s" % (what, whose, "; " + why if why else ""))
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.PERIOD, self.flush)
+
+    def flush(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        counts, self.counts = self.counts, {}
+        for (what, whose), n in sorted(counts.items()):
+            if n:
+                self.log.info("%s %d more connection%s %s in the last %g s" % (what, n, "" if n == 1 else "s", whose, self.PERIOD))
+
+
 class Backoff:
     """When the next attempt at a link may happen.
 
@@ -2023,6 +2068,7 @@ class Server:
         self.next_tunnel_cid = 0
         self.tcp_owner_note = False  # said once that tunnel peers cannot be checked here
         self.sock_diag = SockDiag()  # asks the kernel who connected to a tunnel port
+        self.refusals = LogSummary(self.loop, log)  # what other users can make us log
         self.stopping = False
         self.exit_status = 0
 
@@ -2637,6 +2683,8 @@ class TunnelListener:
         self.loop = server.loop
         self.log = server.log
         self.conns = {}  # cid -> TunnelConn
+        self.paused = False  # at the limit: not accepting until a connection ends
+        self.said_full = False
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.bind(("127.0.0.1", 0))
@@ -2651,17 +2699,43 @@ class TunnelListener:
         server.sock_diag.open()
 
     def _accept(self):
+        if len(self.conns) >= MAX_TUNNEL_CONNECTIONS:
+            self._pause()
+            return
         accept_waiting(self.loop, self.log, self.sock, "session %d: tunnel: cannot accept" % self.session.cid, self._take)
 
     def _take(self, conn, peer):
+        """One accepted connection; False once the session has all it may have open."""
         if not self._welcome(conn, peer):
             conn.close()
-            return
+            return True
         cid = self.server.new_tunnel_cid()
-        self.conns[cid] = tunnel = TunnelConn(self.server.link, cid, conn, self.session, self.conns)
+        self.conns[cid] = tunnel = TunnelConn(self.server.link, cid, conn, self.session, self.conns, self._resume)
         self.server.link.channels[cid] = tunnel
         self.server.link.send(TUNNEL, cid, encode_fields({"session": self.session.cid}))
         tunnel.begin_relay()
+        if len(self.conns) < MAX_TUNNEL_CONNECTIONS:
+            return True
+        self._pause()
+        return False
+
+    def _pause(self):
+        """At the limit, stop accepting: the next connections wait in the kernel's queue
+        (and then in TCP's own retries) until one ends, and none is refused."""
+        if self.paused:
+            return
+        self.paused = True
+        self.loop.on_readable(self.sock.fileno(), None)
+        if not self.said_full:  # once a session: a busy ft-gahp may touch the limit often
+            self.said_full = True
+            self.log.info(
+                "session %d: tunnel: %d connections are open (the limit); more wait for one to end" % (self.session.cid, len(self.conns))
+            )
+
+    def _resume(self):
+        if self.paused and self.sock is not None and len(self.conns) < MAX_TUNNEL_CONNECTIONS:
+            self.paused = False
+            self.loop.on_readable(self.sock.fileno(), self._accept)
 
     def _welcome(self, conn, peer):
         """Whether this connection may use the tunnel: our uid, and within the limit."""
@@ -2671,13 +2745,12 @@ class TunnelListener:
             self.server.tcp_owner_note = True
             self.log.info("tunnel: cannot tell here which user connects to a tunnel port (no /proc/net/tcp); any local user can use it")
         if uid == -1:
-            self.log.info("session %d: tunnel: closed a connection whose owner is not in /proc/net/tcp" % cid)
+            self.server.refusals.note("session %d: tunnel: closed" % cid, "whose owner is gone", "it closed before it could be checked")
             return False
         if uid is not None and uid != os.getuid():
-            self.log.info("session %d: tunnel: closed a connection from uid %d (only uid %d may use it)" % (cid, uid, os.getuid()))
-            return False
-        if len(self.conns) >= MAX_TUNNEL_CONNECTIONS:
-            self.log.info("session %d: tunnel: closed a connection: %d are open (the limit)" % (cid, MAX_TUNNEL_CONNECTIONS))
+            self.server.refusals.note(
+                "session %d: tunnel: closed" % cid, "from uid %d (%s)" % (uid, user_name(uid)), "only uid %d may use it" % os.getuid()
+            )
             return False
         return True
 
@@ -2687,14 +2760,16 @@ class TunnelListener:
             self.loop.forget(self.sock.fileno())
             self.sock.close()
             self.sock = None
+            self.server.refusals.flush()  # its counts are told with it, not a minute later
         for conn in list(self.conns.values()):
             conn.abort("its session ended")
 
 
 def tcp_peer_uid(peer, local, sock_diag):
     """The uid owning the TCP socket at `peer` that is connected to our `local`; -1 if no
-    such socket is found (it closed already, or only a TIME_WAIT entry is left: not
-    provably ours); None where this cannot be found out at all."""
+    process owns such a socket any more (it is closed: only a TIME_WAIT or orphaned
+    entry is left, which the kernel reports as uid 0, and which proves nobody's); None
+    where this cannot be found out at all."""
     try:
         return sock_diag.uid(peer, local)
     except OSError:
@@ -2712,14 +2787,19 @@ def tcp_peer_uid(peer, local, sock_diag):
     want = (key(peer), key(local))
     for line in table.splitlines()[1:]:
         fields = line.split()
-        if len(fields) > 7 and (fields[1], fields[2]) == want:
-            return int(fields[7])
+        if len(fields) > 9 and (fields[1], fields[2]) == want:
+            if fields[3] == "%02X" % TCP_TIME_WAIT or fields[9] == "0":
+                return -1
+            return whole_number(fields[7], 0, 2**32 - 1)
     return -1
 
 
 NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY, NLMSG_ERROR, NLM_F_REQUEST = 4, 20, 2, 1
 NLMSG_HEADER = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
-INET_DIAG_UID_AT = NLMSG_HEADER.size + 4 + 48 + 12  # inet_diag_msg: 4 bytes, the socket id, 3 counters
+# inet_diag_msg: family, state, timer, retransmits; the socket id; 3 counters; uid; inode
+INET_DIAG_STATE_AT = NLMSG_HEADER.size + 1
+INET_DIAG_UID_AT = NLMSG_HEADER.size + 4 + 48 + 12
+TCP_TIME_WAIT = 6
 
 
 class SockDiag:
@@ -2780,9 +2860,12 @@ class SockDiag:
             if code == errno.ENOENT:
                 return -1
             raise OSError(code, os.strerror(code))
-        if kind != SOCK_DIAG_BY_FAMILY or len(reply) < INET_DIAG_UID_AT + 4:
+        if kind != SOCK_DIAG_BY_FAMILY or len(reply) < INET_DIAG_UID_AT + 8:
             raise OSError(errno.EPROTO, "an unexpected sock_diag reply")
-        return struct.unpack_from("=I", reply, INET_DIAG_UID_AT)[0]
+        uid, inode = struct.unpack_from("=II", reply, INET_DIAG_UID_AT)
+        if reply[INET_DIAG_STATE_AT] == TCP_TIME_WAIT or inode == 0:
+            return -1  # closed already: no process owns it, whatever uid it shows
+        return uid
 
 
 def is_connected(sock):
@@ -2809,11 +2892,12 @@ class TunnelConn(Channel):
     directions are done the channel ends; an error at either end aborts both.
     """
 
-    def __init__(self, link, cid, sock, session, registry):
+    def __init__(self, link, cid, sock, session, registry, on_end=None):
         Channel.__init__(self, link, cid, sock.fileno(), sock.fileno(), tunnel_window(link))
         self.sock = sock
         self.session = session
         self.registry = registry  # the session's table of its connections
+        self.on_end = on_end  # told once it has left the registry
         self.closed = False
         self.aborted = False  # ended by an error: a reset, never a FIN that looks like the end
         self.target = None  # where the proxy connects it to
@@ -2918,6 +3002,8 @@ class TunnelConn(Channel):
         Channel.release(self)
         if self.registry.get(self.cid) is self:
             del self.registry[self.cid]
+            if self.on_end is not None:
+                self.on_end()
         # The session's totals, named from the GridManager's side on both hosts.
         to_gm, from_gm = (self.received, self.sent) if self.at_gridmanager else (self.sent, self.received)
         totals = self.session.tunnel_totals
@@ -3283,8 +3369,8 @@ class Proxy:
             reason = "no open session %s" % fields["session"][:20]
         elif session.tunnel_to is None:
             reason = "session %d announced no tunnel address" % session.cid
-        elif len(session.tunnel_conns) >= MAX_TUNNEL_CONNECTIONS:
-            reason = "session %d has %d tunnel connections (the limit)" % (session.cid, MAX_TUNNEL_CONNECTIONS)
+        elif len(session.tunnel_conns) >= MAX_TUNNEL_AT_PROXY:
+            reason = "session %d has %d tunnel connections (the limit)" % (session.cid, MAX_TUNNEL_AT_PROXY)
         if reason is not None:
             self.log.info("tunnel: refused a connection from the server: %s" % reason)
             self.link.send(CLOSE, cid, encode_fields({"error": reason}))

@@ -12,6 +12,7 @@ real HTCondor found, each replayed with real processes over the real sshd.
 """
 
 import os
+import re
 import select
 import signal
 import socket
@@ -470,3 +471,183 @@ def test_a_command_waiting_on_a_silent_link_gets_an_error_in_seconds_not_at_the_
         os.kill(ssh, signal.SIGKILL)
     assert status == 1
     assert "the link went silent: no answer to a probe" in err, err
+
+
+# --------------------------------------------------------------------------- 4 and 6. another uid knocking on a tunnel port
+
+BURSTS = 20000
+
+
+def knock(port, count):
+    """work for AsNobody: connect, send, close, count times; report how many connected."""
+
+    def work(report_w, stop_r, ready_w):
+        os.close(ready_w)
+        connected = 0
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.connect(("127.0.0.1", port))
+                s.send(b"sink intruder\n")
+                connected += 1
+            except OSError:
+                pass
+            finally:
+                s.close()
+        os.write(report_w, str(connected).encode())
+
+    return work
+
+
+def refused_in_log(text, uid):
+    """How many tunnel connections the server's log says it closed: first lines and sums."""
+    firsts = len(re.findall(r"tunnel: closed a connection (from uid %d|whose owner is gone)" % uid, text))
+    pattern = r"tunnel: closed (\d+) more connections? (?:from uid %d \(\S+\)|whose owner is gone)" % uid
+    sums = sum(int(n) for n in re.findall(pattern, text))
+    return firsts, sums
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_another_uids_connect_send_close_bursts_never_reach_the_gridmanager_and_cost_a_few_log_lines(make_rig):
+    from test_hardening import NOBODY, AsNobody
+    from test_tunnel import FakeGridManager, tunnel_session
+
+    rig = make_rig()
+    rig.start_server()  # as root: the uid a closed socket is reported with
+    gm = FakeGridManager()
+    try:
+        knocked(rig, gm, NOBODY, AsNobody, tunnel_session)
+    finally:
+        gm.close()
+
+
+def knocked(rig, gm, uid, as_other, tunnel_session):
+    s, port = tunnel_session(rig, gm)
+    child = as_other(knock(port, BURSTS))
+    connected = int(child.finish())
+    assert connected > BURSTS // 2, "the bursts mostly failed to connect (%d of %d)" % (connected, BURSTS)
+    # Every knock accepted is closed, and counted; the session's end says the last sums.
+    harness.wait_for(lambda: sum(refused_in_log(rig.log_text(), uid)) >= 1, 60, what="a refusal logged")
+    assert s.finish()[0] == 0
+    harness.wait_for(lambda: sum(refused_in_log(rig.log_text(), uid)) >= connected, 60, what="all %d knocks counted" % connected)
+    firsts, sums = refused_in_log(rig.log_text(), uid)
+    assert firsts + sums == connected, (firsts, sums, connected)
+    assert firsts <= 2, "one line per kind, not one per knock"
+    assert gm.accepted == 0 and gm.headers == [], "a foreign byte reached the GridManager"
+    assert rig.server.poll() is None
+
+
+# --------------------------------------------------------------------------- 7. a closed connection frees its slot
+
+PAIRS = 1000
+IN_FLIGHT = 400  # well over the 256 open connections a session may have
+
+
+class AnsweringEndpoint:
+    """The GridManager's port for many quick transfers: one thread with a selector, a deep
+    accept backlog, and for each connection "ok N" (the bytes it read) after its EOF."""
+
+    def __init__(self):
+        import selectors
+        import threading
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1024)
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.sock, selectors.EVENT_READ)
+        self.stop_r, self.stop_w = os.pipe()
+        self.selector.register(self.stop_r, selectors.EVENT_READ)
+        self.accepted = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def inherit(self):
+        return "4242 <127.0.0.1:%d?addrs=127.0.0.1-%d&sock=gm_1> 0" % (self.port, self.port)
+
+    def _run(self):
+        import selectors
+
+        counts = {}
+        while True:
+            for key, _ in self.selector.select():
+                if key.fileobj == self.stop_r:
+                    return
+                if key.fileobj is self.sock:
+                    try:
+                        conn, _ = self.sock.accept()
+                    except BlockingIOError:
+                        continue
+                    self.accepted += 1
+                    counts[conn] = 0
+                    self.selector.register(conn, selectors.EVENT_READ)
+                    continue
+                conn = key.fileobj
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    data = None
+                if data:
+                    counts[conn] += len(data)
+                    continue
+                self.selector.unregister(conn)
+                if data == b"":
+                    conn.sendall(b"ok %d\n" % counts[conn])
+                del counts[conn]
+                conn.close()
+
+    def close(self):
+        os.write(self.stop_w, b"x")
+        self.thread.join(10)
+        self.sock.close()
+
+
+def test_a_thousand_back_to_back_transfers_closed_at_once_are_none_of_them_dropped(make_rig):
+    """The ft-gahp sends a command and closes its side at once, many times over, while
+    the GridManager's answers are still on the way: a connection the ft-gahp has closed
+    must not hold one of the session's 256 slots until that answer has come."""
+    from test_tunnel import start_ft
+
+    rig = make_rig()
+    rig.start_server()
+    gm = AnsweringEndpoint()
+    open_socks = []
+    outcomes = []
+
+    def collect(sock):
+        got = b""
+        try:
+            while True:
+                data = sock.recv(4096)
+                if not data:
+                    break
+                got += data
+        except OSError as e:
+            got = repr(e).encode()
+        sock.close()
+        outcomes.append(got)
+
+    try:
+        s = start_ft(rig, gm.inherit())
+        port = tunnel_port_of(s)
+        for i in range(PAIRS):
+            c = socket.create_connection(("127.0.0.1", port), timeout=60)
+            c.sendall(b"pair %04d\n" % i)
+            c.shutdown(socket.SHUT_WR)  # done sending; only the answer is to come
+            open_socks.append(c)
+            if len(open_socks) > IN_FLIGHT:
+                collect(open_socks.pop(0))
+        while open_socks:
+            collect(open_socks.pop(0))
+        assert s.finish()[0] == 0
+    finally:
+        for c in open_socks:
+            c.close()
+        gm.close()
+    dropped = [o for o in outcomes if o != b"ok 10\n"]
+    logs = rig.log_text() + harness.read_text(rig.proxy_log)
+    assert not dropped, "%d of %d transfers got no answer, e.g. %r\n%s" % (len(dropped), PAIRS, dropped[:3], logs[-3000:])
+    assert gm.accepted == PAIRS
+    assert "over the limit" not in rig.log_text()

@@ -725,7 +725,7 @@ def test_another_uid_on_the_login_node_cannot_use_the_tunnel_port(make_rig, endp
     rig, gm, s, port = linked_tunnel_session(make_rig, endpoint)
     outcome = connect_as(NOBODY, port, b"sink intruder\n")
     assert outcome in ("eof", "ECONNRESET"), "the connection from uid %d was not closed at once: %s" % (NOBODY, outcome)
-    pattern = r"session \d+: tunnel: closed a connection from uid %d \(only uid %d may use it\)" % (NOBODY, os.getuid())
+    pattern = r"session \d+: tunnel: closed a connection from uid %d \(\S+\); only uid %d may use it" % (NOBODY, os.getuid())
     harness.wait_for(lambda: re.search(pattern, rig.log_text()), WAIT, what="%r in the server log:\n%s" % (pattern, rig.log_text()))
     # The owner's connections still go through, and the intruder's never reached the endpoint.
     size, seed = 1 * MB, seed_for("owner")
