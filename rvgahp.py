@@ -571,7 +571,10 @@ SESSION_FRAMES = frozenset((ACCEPT, REFUSE, DATA, EOF, CLOSE, WINDOW))  # those 
 
 # What this rvgahp can do beyond link protocol 1, said in the hello. A feature is used
 # only when both ends name it, so either host's rvgahp.pyz can be the older one.
-FEATURES = ("tunnel", "wide_tunnel")
+FEATURES = ("tunnel", "wide_tunnel", "tunnel_credit")
+# tunnel_credit: a tunnel connection's cluster end sends nothing until the proxy has
+# connected it to the GridManager and granted its window; until then the proxy would
+# hold every byte, a whole window for each connection that waits on a busy endpoint.
 
 # What a client and the proxy on the same host must agree on (the requests, and what
 # follows ACCEPT). A new rvgahp.pyz on the submit host meets the old proxy of a link
@@ -2711,6 +2714,8 @@ class TunnelListener:
             return True
         cid = self.server.new_tunnel_cid()
         self.conns[cid] = tunnel = TunnelConn(self.server.link, cid, conn, self.session, self.conns, self._resume)
+        if "tunnel_credit" in self.server.link.features:
+            tunnel.credit = 0  # until the proxy has connected it (see FEATURES)
         self.server.link.channels[cid] = tunnel
         self.server.link.send(TUNNEL, cid, encode_fields({"session": self.session.cid}))
         tunnel.begin_relay()
@@ -2913,8 +2918,7 @@ class TunnelConn(Channel):
         if err == errno.EINPROGRESS and is_connected(self.sock):
             err = 0  # a GridManager on this host has answered already: no need to wait a turn
         if err == 0:
-            self.begin_relay()
-            self.release_sink()
+            self._relay_connected()
             return
         if err != errno.EINPROGRESS:
             self._connect_failed(os.strerror(err))
@@ -2931,8 +2935,13 @@ class TunnelConn(Channel):
         if err:
             self._connect_failed(os.strerror(err))
             return
+        self._relay_connected()
+
+    def _relay_connected(self):
         self.begin_relay()
         self.release_sink()
+        if "tunnel_credit" in self.link.features:
+            self.link.send(WINDOW, self.cid, COUNT.pack(self.window))  # the far end may send now
 
     def _connect_failed(self, reason):
         if self.released:
@@ -2942,6 +2951,10 @@ class TunnelConn(Channel):
 
     def summary(self):
         return "%.1f s, %s sent, %s received" % (self.age(), human_bytes(self.sent), human_bytes(self.received))
+
+    def buffered(self):
+        """Bytes held here for the socket: those waiting for its connect, and its outbox."""
+        return (self.held_size if self.held is not None else 0) + self.sink.size
 
     def read_source(self, size):
         """As Channel's, except that a reset is not an end: the far end must be reset too,
@@ -3314,6 +3327,7 @@ class Proxy:
                     "bytes_to_gahp": s.sent,
                     "bytes_from_gahp": s.received,
                     "tunnel_connections": len(s.tunnel_conns),
+                    "tunnel_buffered": sum(c.buffered() for c in s.tunnel_conns.values()),
                 }
                 for s in sessions[:MAX_STATUS_SESSIONS]
             ],

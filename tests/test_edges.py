@@ -651,3 +651,58 @@ def test_a_thousand_back_to_back_transfers_closed_at_once_are_none_of_them_dropp
     assert not dropped, "%d of %d transfers got no answer, e.g. %r\n%s" % (len(dropped), PAIRS, dropped[:3], logs[-3000:])
     assert gm.accepted == PAIRS
     assert "over the limit" not in rig.log_text()
+
+
+# --------------------------------------------------------------------------- 5. memory for connections that wait
+
+
+def unread_bytes(port):
+    """Bytes sent to or from 127.0.0.1:port that no program has read yet: the receive
+    queues of the accepted sockets plus the send queues of the connecting ones."""
+    total = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.read().splitlines()[1:]:
+            fields = line.split()
+            local, remote = fields[1], fields[2]
+            tx, rx = (int(x, 16) for x in fields[4].split(":"))
+            if local.endswith(":%04X" % port):
+                total += rx
+            elif remote.endswith(":%04X" % port):
+                total += tx
+    return total
+
+
+def test_connections_waiting_on_a_busy_gridmanager_cost_the_proxy_no_memory(make_rig):
+    import json
+
+    from test_tunnel import start_ft
+
+    rig = make_rig()
+    rig.start_server()
+    busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # a GridManager too busy to accept
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(0)
+    gm_port = busy.getsockname()[1]
+    s = start_ft(rig, "4242 <127.0.0.1:%d?sock=gm_1> 0" % gm_port)
+    port = tunnel_port_of(s)
+    conns = []
+    try:
+        for _ in range(40):
+            c = socket.create_connection(("127.0.0.1", port), timeout=60)
+            c.sendall(b"x" * (1 << 20))  # what an upload begins with
+            conns.append(c)
+
+        def status():
+            out = subprocess.run(rig.flavor.argv("client", "--status", "--json", rig.sock), capture_output=True, timeout=30).stdout
+            return json.loads(out.decode())["sessions"][0]
+
+        harness.wait_for(lambda: status()["tunnel_connections"] == 40, 60, what="40 tunnel connections at the proxy")
+        # The kernel queues a connection or two for a listen(0) socket; what the others
+        # sent has not left the cluster's sockets, and nothing waits in the proxy's memory.
+        assert unread_bytes(port) >= 38 << 20
+        assert status()["tunnel_buffered"] == 0
+    finally:
+        for c in conns:
+            c.close()
+        busy.close()
+    assert s.finish()[0] == 0
