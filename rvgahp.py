@@ -268,6 +268,16 @@ def file_kind(mode):
     return "an unknown kind of file"
 
 
+def dangling_link(path):
+    """ "it is a symbolic link to X, which does not exist" where path is one, else None."""
+    try:
+        if stat.S_ISLNK(os.lstat(path).st_mode) and not os.path.exists(path):
+            return "it is a symbolic link to %s, which does not exist" % os.readlink(path)
+    except OSError:
+        pass
+    return None
+
+
 def path_problem(path):
     """What keeps path from being read as a file ("it is a directory", ...), or None.
 
@@ -277,12 +287,7 @@ def path_problem(path):
     try:
         st = os.stat(path)
     except OSError as e:
-        try:
-            if e.errno == errno.ENOENT and stat.S_ISLNK(os.lstat(path).st_mode):
-                return "it is a symbolic link to %s, which does not exist" % os.readlink(path)
-        except OSError:
-            pass
-        return "it does not exist" if e.errno == errno.ENOENT else e.strerror
+        return dangling_link(path) or ("it does not exist" if e.errno == errno.ENOENT else e.strerror)
     if not stat.S_ISREG(st.st_mode):
         return "it is %s, not a file" % file_kind(st.st_mode)
     return None
@@ -349,7 +354,8 @@ class Config:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
-            raise ConfigError("cannot read config %s: %s" % (path, path_problem(path) or e.strerror))
+            problem = path_problem(path)  # a socket or a dangling link says more than ENXIO or ENOENT
+            raise ConfigError("cannot read config %s: %s" % (path, e.strerror if problem in (None, "it does not exist") else problem))
         try:
             mode = os.fstat(fd).st_mode
             if not stat.S_ISREG(mode):

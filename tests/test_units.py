@@ -110,7 +110,7 @@ def test_config_numbers_are_checked():
 def test_a_missing_config_file_is_one_clear_error(tmp_path):
     with pytest.raises(rvgahp.ConfigError) as e:
         rvgahp.Config.load(str(tmp_path / "nope"))
-    assert str(e.value) == "cannot read config %s: it does not exist" % (tmp_path / "nope")
+    assert str(e.value) == "cannot read config %s: No such file or directory" % (tmp_path / "nope")
 
 
 # --------------------------------------------------------------------------- framing
