@@ -41,40 +41,25 @@ Where things are, in reading order:
   the command line   each role's main, the pid lock, daemonize, main, the admin's tools
 """
 
-# The socket module's C half. The Python half adds wrappers rvgahp doesn't use, and
-# its imports (enum, selectors, collections) were a third of every client's start.
-import _socket as socket
 import errno
-import posix
+import fcntl
+import heapq
+import os
+import pwd
+import resource
+import select
+import signal
+import socket
 import stat
 import struct
 import sys
 import time
+from collections import deque
 
-
-class ImportedOnFirstUse:
-    """Stands in for a module until its first use, then puts the module in its place."""
-
-    def __init__(self, name):
-        self.name = name
-
-    def __getattr__(self, attr):
-        module = __import__(self.name)
-        globals()[self.name] = module
-        return getattr(module, attr)
-
-
-# os is imported when first used, not here. As os.py loads, it builds the collections
-# ABCs: 3.5 ms, a tenth of a session's start, under 3.6 and 3.13 alike. So the client's
-# path from main() to its exec calls posix (the C half of os: the same functions)
-# directly, and tests/test_zipapp.py checks that a session start never imports os.
-os = ImportedOnFirstUse("os")
-
-
-def environ_get(name):
-    """os.environ.get(name), read without importing os."""
-    value = posix.environ.get(name.encode())
-    return None if value is None else value.decode(sys.getfilesystemencoding(), "surrogateescape")
+# Imported where used, because no session start needs them and together they were 6 to
+# 10 ms of every start (python3 bench/import_costs.py): json, threading and ctypes (the
+# proxy's status, a client's pumps, the server's prctl); argparse and traceback (a
+# role's command line, a logged internal error) were 3 to 8 ms each on their own.
 
 
 # --------------------------------------------------------------------------- constants
@@ -1251,7 +1236,7 @@ def write_some(fd, chunks):
 def close_fd(fd):
     if fd is not None and fd >= 0:
         try:
-            posix.close(fd)
+            os.close(fd)
         except OSError:
             pass
 
@@ -1273,8 +1258,6 @@ F_SETPIPE_SZ = 1031  # fcntl names it from Python 3.10 on
 
 def widen_pipe(fd):
     """Ask the kernel for PIPE_SIZE of buffer in pipe fd; one it won't widen stays as it is."""
-    import fcntl
-
     try:
         fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
     except OSError:
@@ -1307,7 +1290,7 @@ def make_pipes(count, what):
 
 def fd_is_streamable(fd):
     """Pipes and sockets can be polled and handed to the proxy; ttys and files cannot."""
-    mode = posix.fstat(fd).st_mode
+    mode = os.fstat(fd).st_mode
     return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
@@ -1322,8 +1305,6 @@ def close_inherited_fds(keep):
 
 def raise_fd_limit():
     """Many sessions need many fds; the hard limit is ours to use."""
-    import resource
-
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > 65536:
         hard = 65536
@@ -1357,8 +1338,6 @@ class Poller:
     these is the epoll object's own method: no Python call in between."""
 
     def __init__(self):
-        import select
-
         if hasattr(select, "epoll"):
             self.epoll = select.epoll()  # close-on-exec
             self.register = self.epoll.register
@@ -1458,8 +1437,6 @@ class Loop:
 
     # timers
     def call_later(self, delay, callback):
-        import heapq
-
         timer = Timer(time.monotonic() + max(0.0, delay), callback)
         self.serial += 1
         if self.serial % 1024 == 0:
@@ -1477,8 +1454,6 @@ class Loop:
 
     # signals
     def on_signal(self, signum, callback):
-        import signal
-
         self.signal_handlers[signum] = callback
         signal.signal(signum, self._note_signal)
         signal.set_wakeup_fd(self.wake_w)
@@ -1495,8 +1470,6 @@ class Loop:
         self.stopped = True
 
     def run(self):
-        import heapq
-
         watches = self.watches
         forgotten = self.forgotten
         timers = self.timers
@@ -1595,8 +1568,6 @@ class Outbox:
     )  # fmt: skip
 
     def __init__(self, loop, fd, on_written=None, on_gone=None):
-        from collections import deque
-
         self.loop = loop
         self.fd = fd
         self.queue = deque()
@@ -1809,8 +1780,6 @@ def spawn(argv, env, cwd, stdin, stdout, stderr, die_with_parent=None):
     die_with_parent (from parent_death_signal), the child gets SIGTERM if we are killed:
     a GAHP busy in a long command, or an ssh, must not outlive a server killed with -9.
     """
-    import signal
-
     report_r, report_w = os.pipe()
     parent = os.getpid()
     try:
@@ -1855,8 +1824,6 @@ def spawn(argv, env, cwd, stdin, stdout, stderr, die_with_parent=None):
 
 
 def signal_group(pid, name):
-    import signal
-
     try:
         os.killpg(pid, getattr(signal, name))
     except OSError:
@@ -2082,8 +2049,6 @@ class Server:
         self.exit_status = 0
 
     def run(self):
-        import signal
-
         self.loop.on_signal(signal.SIGCHLD, self.reap)
         self.loop.on_signal(signal.SIGTERM, self.shutdown)
         self.loop.on_signal(signal.SIGINT, self.shutdown)
@@ -2572,19 +2537,19 @@ def last_line_of(path, limit=4096, all_lines=False):
     read. With all_lines, the non-blank lines of its last `limit` bytes instead."""
     nothing = [] if all_lines else ""
     try:
-        fd = posix.open(path, posix.O_RDONLY | posix.O_NONBLOCK | posix.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return nothing
     try:
-        st = posix.fstat(fd)
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return nothing
-        posix.lseek(fd, max(0, st.st_size - limit), 0)
-        lines = posix.read(fd, limit).decode("utf-8", "replace").splitlines()
+        os.lseek(fd, max(0, st.st_size - limit), 0)
+        lines = os.read(fd, limit).decode("utf-8", "replace").splitlines()
     except OSError:
         return nothing
     finally:
-        posix.close(fd)
+        os.close(fd)
     lines = [printable(line.strip()[:300]) for line in lines if line.strip()]
     if all_lines:
         return lines
@@ -3085,8 +3050,6 @@ class Proxy:
         self.sessions_refused = 0
 
     def run(self):
-        import signal
-
         check_socket_path(self.sockpath)
         rfd, wfd = take_stdio_for_link()
         self.link = Link(self.loop, self.log, rfd, wfd, self)
@@ -3172,8 +3135,6 @@ class Proxy:
         takes no lock. Only a socket that we own is ever removed: a file, a symlink or
         another user's socket at the path is an error that names it.
         """
-        import fcntl
-
         if owner_is_silent:
             # Its lock goes with it: the silent proxy keeps a lock on a file nobody can open.
             try:
@@ -3467,8 +3428,6 @@ def unpack_fds(blob):
 
 def user_name(uid):
     try:
-        import pwd
-
         return pwd.getpwuid(uid).pw_name
     except (ImportError, KeyError):
         return "no name"
@@ -3644,8 +3603,6 @@ def check_handed_fds(fds):
     """The stdin and stdout a client hands over must be what the loop can relay: a pipe
     or socket, readable and writable the right way. Anything else is refused here, at
     the request, before it can upset the loop that every other session shares."""
-    import fcntl
-
     for fd, name, wrong_mode, wrong_word in ((fds[0], "stdin", os.O_WRONLY, "writing"), (fds[1], "stdout", os.O_RDONLY, "reading")):
         try:
             mode = os.fstat(fd).st_mode
@@ -3904,7 +3861,7 @@ def parse_client_args(args):
         raise UsageError("no socket path; usage: rvgahp_client SOCKPATH GAHP_NAME")
     if "/" not in sockpath and ("@" in sockpath or not os.path.exists(sockpath)):
         raise UsageError("%r looks like a host, not a socket path; add --rvgahp-socket SOCKPATH to grid_resource" % sockpath)
-    raw_wait = options.get("--rvgahp-wait") or environ_get("RVGAHP_WAIT") or str(DEFAULT_CLIENT_WAIT)
+    raw_wait = options.get("--rvgahp-wait") or os.environ.get("RVGAHP_WAIT") or str(DEFAULT_CLIENT_WAIT)
     wait = plain_number(raw_wait)
     if wait is None or not 0 <= wait <= 3600:
         raise UsageError("the wait must be 0 to 3600 seconds, not %r" % raw_wait)
@@ -3966,10 +3923,10 @@ class Handoff:
 
     def complete(self):
         """The proxy has the fds: let go of ours, so EOF travels as it should."""
-        devnull = posix.open("/dev/null", posix.O_RDWR)
+        devnull = os.open("/dev/null", os.O_RDWR)
         for fd in self.fds:
             if fd in (0, 1):
-                posix.dup2(devnull, fd)
+                os.dup2(devnull, fd)
         close_fd(devnull)
         for fd in self.ours:
             close_fd(fd)
@@ -4027,7 +3984,7 @@ def last_link_news(proxy_log):
     The proxy leaves with its link, so its log is what remembers an outage: a client
     that finds nobody should say "down since 12:03 (ping timeout)", not guess."""
     try:
-        if posix.stat(proxy_log).st_uid != posix.getuid():
+        if os.stat(proxy_log).st_uid != os.getuid():
             return None
     except OSError:
         return None
@@ -4048,9 +4005,9 @@ def check_proxy_owner(sock, sockpath):
     path while our proxy is away; whoever listens would get the GridManager's commands.
     """
     uid = peer_uid(sock)
-    owner = posix.stat(sockpath).st_uid
+    owner = os.stat(sockpath).st_uid
     for who, found in (("served", uid), ("owned", owner)):
-        if found != posix.getuid():
+        if found != os.getuid():
             raise UserError(
                 "%s is %s by uid %d (%s), not by you (uid %d): another user may have taken the path; "
                 "put the socket in a private directory such as ~/.rvgahp/ (see the README)"
@@ -4124,11 +4081,11 @@ def wait_in_shell(sock, gahp, sockpath):
     sock.setblocking(True)  # a timeout left O_NONBLOCK set; the shell's read would see EAGAIN as EOF
     fd = sock.fileno()
     if fd == 3:
-        posix.set_inheritable(3, True)
+        os.set_inheritable(3, True)
     else:
-        posix.dup2(fd, 3)
+        os.dup2(fd, 3)
     try:
-        posix.execv("/bin/sh", ["rvgahp_client", "-c", WAIT_SCRIPT, "rvgahp_client", gahp, sockpath])
+        os.execv("/bin/sh", ["rvgahp_client", "-c", WAIT_SCRIPT, "rvgahp_client", gahp, sockpath])
     except OSError:
         pass
 
@@ -4159,7 +4116,7 @@ def run_client(sockpath, gahp, wait):
     """Start a session and return the GAHP's exit status, or raise UserError."""
     tunnel, no_tunnel_why = None, None
     if gahp == "condor_ft-gahp":
-        tunnel, no_tunnel_why = gridmanager_address(environ_get("CONDOR_INHERIT"))
+        tunnel, no_tunnel_why = gridmanager_address(os.environ.get("CONDOR_INHERIT"))
     handoff = Handoff()
     deadline = time.monotonic() + wait
     fields = {"gahp": gahp, "rvgahp": VERSION, "protocol": CLIENT_PROTOCOL}
@@ -4244,7 +4201,7 @@ def announce_tunnel(sock, accepted, tunnel, no_tunnel_why, sockpath):
         warn("%s; file transfers will go direct to the GridManager, not through the link" % no_tunnel_why)
     elif state == "on" and whole_number(accepted.get("tunnel_port", ""), 1, 65535) is not None:
         line = "Allocated port %s for remote forward to %s\n" % (accepted["tunnel_port"], tunnel[0])
-        posix.write(2, line.encode("utf-8"))
+        os.write(2, line.encode("utf-8"))
         sock.sendall(READY_FRAME)
     elif state in ("error", "unsupported"):
         warn("no file-transfer tunnel: %s; transfers will go direct" % accepted.get("tunnel_error", "no reason given"))
@@ -4256,7 +4213,7 @@ def announce_tunnel(sock, accepted, tunnel, no_tunnel_why, sockpath):
 
 
 def warn(message):
-    posix.write(2, ("rvgahp_client: warning: %s\n" % printable(message)).encode("utf-8", "replace"))
+    os.write(2, ("rvgahp_client: warning: %s\n" % printable(message)).encode("utf-8", "replace"))
 
 
 def show_status(sockpath, as_json=False):
@@ -4440,9 +4397,6 @@ def take_pid_lock(path):
     A start that finds one running asks it (SIGUSR1) to try its link at once, so an
     admin or cron re-running the start command ends a back-off wait.
     """
-    import fcntl
-    import signal
-
     fd = open_private(path, os.O_RDWR, "pid file")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

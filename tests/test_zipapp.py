@@ -119,16 +119,17 @@ def imported_modules(stderr):
 @pytest.mark.parametrize("version", sorted(INTERPRETERS, key=lambda v: int(v.split(".")[1])))
 def test_a_session_start_imports_nothing_beyond_the_clients_own_imports(home, make_rig, version):
     """Every module a client imports is start-up time on every session. The client needs
-    rvgahp's top-level imports and nothing more: not os, whose collections ABCs took 3.5 ms
-    of every start; not array, which from 3.10 on pulled in collections (4 ms under 3.13);
-    and for an ft-gahp, not the idna codec, whose re and collections took 20 ms."""
+    rvgahp's top-level imports and nothing more: not json, threading or ctypes, which only
+    the other roles use (6 to 10 ms together, bench/import_costs.py); not array, which
+    from 3.10 on pulled in more of collections; and for an ft-gahp, not the idna codec,
+    whose re took 20 ms."""
     bindir, env = home
     verbose = verbose_python(bindir, INTERPRETERS[version])
     env = dict(env, RVGAHP_PYTHON=verbose, CONDOR_INHERIT="4242 <127.0.0.1:9618?addrs=127.0.0.1-9618> 0")
     client = os.path.join(bindir, "rvgahp_client")
     assert run([client, "--version"], env=env).returncode == 0  # unpacks; the next runs start from the copy
 
-    own = run([verbose, "-I", "-S", "-c", "import _socket, errno, posix, stat, struct, sys, time"], env=env)
+    own = run([verbose, "-I", "-S", "-c", "import errno, fcntl, heapq, os, pwd, resource, select, signal, socket, stat, struct, sys, time, collections"], env=env)
     assert own.returncode == 0, own.stderr
     rig = make_rig()
     rig.start_server()
