@@ -129,7 +129,8 @@ def test_a_session_start_imports_nothing_beyond_the_clients_own_imports(home, ma
     client = os.path.join(bindir, "rvgahp_client")
     assert run([client, "--version"], env=env).returncode == 0  # unpacks; the next runs start from the copy
 
-    own = run([verbose, "-I", "-S", "-c", "import errno, fcntl, heapq, os, pwd, resource, select, signal, socket, stat, struct, sys, time, collections"], env=env)
+    top_level = "import errno, fcntl, heapq, os, pwd, resource, select, signal, socket, stat, struct, sys, time, collections"
+    own = run([verbose, "-I", "-S", "-c", top_level], env=env)
     assert own.returncode == 0, own.stderr
     rig = make_rig()
     rig.start_server()
