@@ -23,19 +23,27 @@ One role per process, chosen by the name it runs under (rvgahp_server, rvgahp_pr
 rvgahp_client) or by a first-argument subcommand. Standard library only; Python 3.6+.
 
 Where things are, in reading order:
-  imports            os imported on its first use, so that a client's start never pays for it
-  constants          limits, timings, the ranges numbers are clamped to, the GAHP allow-list
-  logging            Log: the line format, size rotation, reopening on SIGHUP;
-                     printable, open_private (no symlinks, no other uid's files)
-  config             Config: HTCondor's syntax, lazy macro expansion, clamped numbers
-  framing            frame types, features, fields, FrameReader, a session's status line
-  the link           Link: start line, hello, pings and probes, dispatch
+  imports            the standard library; the few imported where used say what they cost
+  constants          limits, timings, the ranges numbers are clamped to, the config knobs,
+                     the GAHP allow-list
+  logging            Log: the line format, size rotation, reopening on SIGHUP; printable,
+                     open_private and path_problem (files that are not files, by kind)
+  config             Config: HTCondor's syntax, lazy macro expansion, checked knobs;
+                     whole_number and plain_number, the one way numbers come in from outside
+  framing            frame types, features, fields, FrameReader; a GAHP's exit status
+                     as fields and as the line that ends a client's socket (exit_*)
+  the link           Link: start line, hello, pings, probes (also for a session's
+                     unanswered command), dispatch
                      Channel: one stream pair (a session or a tunnel connection), with credit
-  event-loop pieces  fd helpers, Poller and Loop, Outbox, LineReader, spawn, Child, Backoff
-  the server         Layout, Server, Spare, ServerSession
-  the tunnel         TunnelListener (cluster side) and its owner check (SockDiag),
-                     TunnelConn (both sides)
-  the proxy          Proxy, ClientConn, ProxySession
+  event-loop pieces  fd helpers, Poller and Loop, Outbox, LineReader, spawn, Child,
+                     LogSummary (what other users can make us log), Backoff
+  the server         Layout; LinkKeeper (transport, back-off, login cap, diagnosis);
+                     GahpLauncher (allow-list, config re-reads, spawn, spares); Server
+                     (sessions, reaping, shutdown); Spare, ServerSession
+  the tunnel         TunnelListener (cluster side, its limit and its owner check, SockDiag),
+                     TunnelConn (both sides: half-close, reset, connect-gated credit)
+  the proxy          SocketClaim (bind, stand by, heartbeat, take over, let go); Proxy
+                     (sessions, status); ClientConn, ProxySession
   the client         argv, Handoff, the owner check, run_client, the Allocated line,
                      the waiting shell, --status
   the command line   each role's main, the pid lock, daemonize, main, the admin's tools
@@ -693,14 +701,14 @@ class FrameReader:
         return memoryview(data)[start:stop] if stop - start >= self.VIEW_AT else data[start:stop]
 
 
-def describe_status(status):
+def exit_fields(status):
     """exit=N or signal=N fields for a waitpid() status."""
     if os.WIFSIGNALED(status):
         return {"signal": os.WTERMSIG(status)}
     return {"exit": os.WEXITSTATUS(status)}
 
 
-def status_line(fields):
+def exit_line(fields):
     """The line an accepted client's socket ends with: exit N, signal N or error TEXT.
 
     N must be a plain number of 0-255: the waiting client may be a shell that does
@@ -717,7 +725,7 @@ def status_line(fields):
     return "error the session ended without a status\n"
 
 
-def status_text(fields):
+def exit_text(fields):
     if "signal" in fields:
         return "killed by signal %s" % fields["signal"]
     if "exit" in fields:
@@ -2014,20 +2022,21 @@ def host_tag():
 UNREACHED_SIGNS = ("ssh: connect to host ", "ssh: Could not resolve hostname", "Connection timed out during banner exchange")
 
 
-class Server:
-    """Keeps one link up to the submit host and runs a GAHP for every session on it."""
+class LinkKeeper:
+    """Keeps one link up to the submit host: runs the transport, says why each login or
+    link ended, and plans the next login within the back-off and the login cap.
 
-    def __init__(self, log, layout, config):
-        self.log = log
-        self.layout = layout
-        self.config = config
-        self.config_stamp = self._stamp()
-        self.loop = Loop(log)
+    It is the link's events object. Session frames (OPEN, TUNNEL) go to the server."""
+
+    def __init__(self, server, config):
+        self.server = server
+        self.loop = server.loop
+        self.log = server.log
+        self.layout = server.layout
+        self.on_open = server.on_open
         self.ping_interval = config.number("RVGAHP_PING_INTERVAL", DEFAULT_PING_INTERVAL, LIMITS["ping_interval"])
         self.ping_timeout = config.number("RVGAHP_PING_TIMEOUT", DEFAULT_PING_TIMEOUT, LIMITS["ping_timeout"])
         self.backoff = Backoff(config.number("RVGAHP_BACKOFF_MAX", DEFAULT_BACKOFF_MAX, LIMITS["backoff_max"]))
-        self.want_spares = config.number("RVGAHP_SPARE_GAHPS", 1, LIMITS["spare_gahps"]) > 0
-        self.die_with_parent = parent_death_signal()
         self.link = None
         self.transport = None  # the Child running the current transport
         self.transport_lines = []  # its last few stderr lines: often the diagnosis
@@ -2037,39 +2046,9 @@ class Server:
         self.failure = None  # why the current login attempt or link ended
         self.next_attempt = None  # the timer for the next login
         self.history = []  # (start, "up" | "failed") of logins in the last hour, for status
-        self.children = {}  # pid -> Child, until reaped
-        self.sessions = {}  # pid -> ServerSession, until the process is reaped
-        self.wide_pipe_sessions = wide_pipe_sessions()
-        self.spares = {}  # GAHP argv -> Spare: started ahead, for the next session of its kind
-        self.next_tunnel_cid = 0
-        self.tcp_owner_note = False  # said once that tunnel peers cannot be checked here
-        self.sock_diag = SockDiag()  # asks the kernel who connected to a tunnel port
-        self.refusals = LogSummary(self.loop, log)  # what other users can make us log
-        self.stopping = False
-        self.exit_status = 0
-
-    def run(self):
-        self.loop.on_signal(signal.SIGCHLD, self.reap)
-        self.loop.on_signal(signal.SIGTERM, self.shutdown)
-        self.loop.on_signal(signal.SIGINT, self.shutdown)
-        self.loop.on_signal(signal.SIGHUP, self.log.reopen_after_sighup)
-        self.loop.on_signal(signal.SIGUSR1, self.nudged)
-        self.log.info(
-            "rvgahp %s starting on %s (Python %s); config %s" % (VERSION, socket.gethostname(), sys.version.split()[0], self.config.path)
-        )
-        for note in self.config.notes:
-            self.log.info(note)
-        if self.die_with_parent is None:
-            self.log.info("note: this system cannot end GAHPs with the server (no prctl), so a kill -9 of the server leaves them running")
-        self.connect()
-        self.loop.run()
-        self.log.info("stopped")
-        return self.exit_status
-
-    # -- the link
 
     def connect(self):
-        if self.stopping:
+        if self.server.stopping:
             return
         self.attempt_started = time.monotonic()
         self.link_up_at = None
@@ -2077,13 +2056,13 @@ class Server:
         self.transport_lines = []
         self.unreached = False
         transport = self.layout.transport
-        gone = self.files_gone()
+        gone = self.server.files_gone()
         if gone:
             # Removed (rvgahp setup --remove) or moved: retrying would only log in vain,
             # and a second server started later would find this one still holding on.
             self.log.info("%s, so this server stops; run rvgahp setup again to bring it back" % gone)
-            self.exit_status = 1
-            self.shutdown()
+            self.server.exit_status = 1
+            self.server.shutdown()
             return
         problem = path_problem(transport)
         if problem:
@@ -2098,7 +2077,7 @@ class Server:
             return
         try:
             pid = spawn(
-                ["/bin/sh", transport], dict(os.environ), self.layout.home, transport_in, transport_out, err_w, self.die_with_parent
+                ["/bin/sh", transport], dict(os.environ), self.layout.home, transport_in, transport_out, err_w, self.server.die_with_parent
             )
         except SpawnError as e:
             close_fds((link_in, link_out, err_r))
@@ -2106,7 +2085,7 @@ class Server:
             return
         finally:
             close_fds((transport_in, transport_out, err_w))
-        self.transport = self.children[pid] = Child(self.loop, pid, self.transport_exited)
+        self.transport = self.server.children[pid] = Child(self.loop, pid, self.transport_exited)
         self.log.info("link: started transport %s (pid %d)" % (transport, pid))
         LineReader(self.loop, err_r, self.transport_said)
         self.link = Link(self.loop, self.log, link_in, link_out, self)
@@ -2125,13 +2104,6 @@ class Server:
                 "failed_logins_1h": len([t for t, outcome in self.history if now - t < 3600 and outcome == "failed"]),
             }
         )
-
-    def files_gone(self):
-        """Why the server has nothing left to run on (its transport or config is gone), or None."""
-        for what, path in (("transport", self.layout.transport), ("config", self.config.path)):
-            if not os.path.lexists(path):
-                return "its %s %s is gone" % (what, path)
-        return None
 
     def _cannot_start(self, reason):
         self.failure = reason
@@ -2209,7 +2181,7 @@ class Server:
         link = self.link
         if link is not None and not link.closed:
             # Let the link read what the transport printed last: it is often the diagnosis.
-            self.loop.call_later(0.05, lambda: link.close("the transport ended (%s)" % status_text(describe_status(status))))
+            self.loop.call_later(0.05, lambda: link.close("the transport ended (%s)" % exit_text(exit_fields(status))))
             return
         self._attempt_over()
 
@@ -2219,8 +2191,8 @@ class Server:
             return
         if self.transport is not None and self.transport.running():
             return
-        if self.stopping:
-            self._maybe_exit()
+        if self.server.stopping:
+            self.server.maybe_exit()
             return
         if self.next_attempt is not None:
             return
@@ -2247,8 +2219,8 @@ class Server:
         status = None if self.transport is None else self.transport.status
         ended_by_transport = self.link is None or self.link.ended_by_peer or "transport ended" in (self.failure or "")
         if status is not None and ended_by_transport:
-            fields = describe_status(status)
-            return "the transport ended (%s)%s" % (status_text(fields), transport_hint(fields, self.transport_lines))
+            fields = exit_fields(status)
+            return "the transport ended (%s)%s" % (exit_text(fields), transport_hint(fields, self.transport_lines))
         return self.failure
 
     def _attempt_due(self):
@@ -2271,31 +2243,33 @@ class Server:
             self.next_attempt = None
             self.connect()
 
-    # -- sessions
+    def stop(self):
+        """The server is shutting down: no more logins, and this link ends."""
+        if self.next_attempt is not None:
+            self.next_attempt.cancel()
+        if self.link is not None and not self.link.closed:
+            self.link.close("the server is shutting down")
+        self.stop_transport()
 
-    def on_open(self, cid, payload):
-        link = self.link
-        if cid in link.channels or cid == 0 or cid & TUNNEL_CHANNEL:
-            link.close("protocol error: OPEN for channel %d, which is in use or not the proxy's to open" % cid)
-            return
-        try:
-            fields = decode_fields(payload)
-        except ProtocolError as e:
-            self.refuse(cid, "malformed request: %s" % e)
-            return
-        if len(self.sessions) >= MAX_SESSIONS:
-            self.refuse(cid, "this server already runs %d GAHPs (the limit)" % MAX_SESSIONS)
-            return
-        try:
-            self.start_session(cid, fields)
-        except UserError as e:
-            self.refuse(cid, str(e))
-        except Exception as e:  # one session's fault never takes the link down
-            self.log.debug(traceback_text())
-            self.refuse(cid, "internal error: %s" % e)
 
-    def start_session(self, cid, fields):
-        gahp = fields.get("gahp", "")
+class GahpLauncher:
+    """Starts the GAHPs sessions ask for: the allow-list, the config (re-read when it
+    changes), fork and exec, and one spare of each kind in use, started ahead."""
+
+    def __init__(self, server, config):
+        self.server = server
+        self.loop = server.loop
+        self.log = server.log
+        self.layout = server.layout
+        self.config = config
+        self.config_stamp = self._stamp()
+        self.want_spares = config.number("RVGAHP_SPARE_GAHPS", 1, LIMITS["spare_gahps"]) > 0
+        self.spares = {}  # GAHP argv -> Spare: started ahead, for the next session of its kind
+        self.wide_pipe_quota = wide_pipe_sessions()  # GAHPs whose pipes may be widened
+
+    def take(self, gahp):
+        """(child, its stdout, its stdin, where it came from, argv, config) for a session,
+        from a spare where one waits; or a UserError that says why not."""
         argv, env, config = self.gahp_command(gahp)
         spare = self.spares.pop(tuple(argv), None)
         if spare is not None:
@@ -2304,48 +2278,11 @@ class Server:
         else:
             child, stdout_r, stdin_w = self.spawn_gahp(argv, env, config)
             origin = "started now"
-        session = ServerSession(self, cid, gahp, child, stdout_r, stdin_w)
-        try:
-            reply = {"pid": child.pid}
-            if fields.get("tunnel") == "1" and gahp == "condor_ft-gahp":  # only the ft-gahp transfers files
-                reply.update(self.open_tunnel(session, config))
-        except BaseException:
-            # The start is refused after all: the GAHP we took must not outlive it, held
-            # by nobody, one more with every retry the GridManager makes.
-            session.abandon()
-            raise
-        self.link.channels[cid] = session
-        self.sessions[child.pid] = session
-        self.link.send(ACCEPT, cid, encode_fields(reply))
-        session.begin_relay()
-        self.log.info("session %d: %s runs as pid %d, %s (%s)%s" % (cid, gahp, child.pid, origin, argv[0], session.tunnel_note()))
         if self.want_spares:
             # After the next poll, so the banner already waiting in the spare's pipe goes
             # out before the server spends time on a fork.
             self.loop.soon(lambda: self.make_spare(gahp, argv, env, config))
-
-    def open_tunnel(self, session, config):
-        """The ACCEPT fields that tell the client about this session's tunnel port."""
-        if not config.boolean("RVGAHP_FT_TUNNEL", True):
-            return {"tunnel": "off"}
-        try:
-            session.tunnel = TunnelListener(self, session)
-        except OSError as e:
-            reason = "cannot open a TCP port on the cluster's 127.0.0.1: %s" % (e.strerror or e)
-            self.log.info("session %d: tunnel: %s" % (session.cid, reason))
-            return {"tunnel": "error", "tunnel_error": reason}
-        return {"tunnel": "on", "tunnel_port": session.tunnel.port}
-
-    def new_tunnel_cid(self):
-        while True:
-            self.next_tunnel_cid = self.next_tunnel_cid % 0x7FFFFFFF + 1
-            cid = TUNNEL_CHANNEL | self.next_tunnel_cid
-            if cid not in self.link.channels:
-                return cid
-
-    def refuse(self, cid, reason):
-        self.log.info("session %d: refused: %s" % (cid, reason))
-        self.link.send(REFUSE, cid, encode_fields({"reason": reason}))
+        return child, stdout_r, stdin_w, origin, argv, config
 
     def current_config(self):
         """The config, re-read if the file changed, so edits apply to the next session."""
@@ -2393,7 +2330,7 @@ class Server:
     def make_spare(self, gahp, argv, env, config):
         """Start a GAHP of this kind before anyone asks, so the next session's is up."""
         key = tuple(argv)
-        if self.stopping or key in self.spares or self._stamp() != self.config_stamp:
+        if self.server.stopping or key in self.spares or self._stamp() != self.config_stamp:
             return
         try:
             child, stdout_r, stdin_w = self.spawn_gahp(argv, env, config)
@@ -2420,19 +2357,140 @@ class Server:
         except UserError:
             close_fd(stderr_fd)
             raise
-        if len(self.sessions) + len(self.spares) < self.wide_pipe_sessions:
+        if len(self.server.session_of_pid) + len(self.spares) < self.wide_pipe_quota:
             widen_pipe(stdin_w)
             widen_pipe(stdout_r)
         try:
-            pid = spawn(argv, env, self.layout.home, stdin_r, stdout_w, stderr_fd, self.die_with_parent)
+            pid = spawn(argv, env, self.layout.home, stdin_r, stdout_w, stderr_fd, self.server.die_with_parent)
         except SpawnError as e:
             close_fds((stdin_w, stdout_r))
             raise UserError("cannot start %s: %s" % (name, e))
         finally:
             close_fds((stdin_r, stdout_w, stderr_fd))
-        child = self.children[pid] = Child(self.loop, pid, lambda status: None)
+        child = self.server.children[pid] = Child(self.loop, pid, lambda status: None)
         child.stderr_log = None if stderr_path == os.devnull else stderr_path
         return child, stdout_r, stdin_w
+
+
+class Server:
+    """The cluster's role: a LinkKeeper keeps the link up, a GahpLauncher starts GAHPs,
+    and the server joins each session's channel to its GAHP, and reaps every child."""
+
+    def __init__(self, log, layout, config):
+        self.log = log
+        self.layout = layout
+        self.loop = Loop(log)
+        self.die_with_parent = parent_death_signal()
+        self.children = {}  # pid -> Child, until reaped
+        self.session_of_pid = {}  # a GAHP's pid -> its ServerSession, until the GAHP is reaped
+        self.stopping = False
+        self.exit_status = 0
+        self.keeper = LinkKeeper(self, config)
+        self.launcher = GahpLauncher(self, config)
+        self.next_tunnel_cid = 0
+        self.tcp_owner_note = False  # said once that tunnel peers cannot be checked here
+        self.sock_diag = SockDiag()  # asks the kernel who connected to a tunnel port
+        self.refusals = LogSummary(self.loop, log)  # what other users can make us log
+
+    @property
+    def link(self):
+        return self.keeper.link
+
+    def run(self):
+        self.loop.on_signal(signal.SIGCHLD, self.reap)
+        self.loop.on_signal(signal.SIGTERM, self.shutdown)
+        self.loop.on_signal(signal.SIGINT, self.shutdown)
+        self.loop.on_signal(signal.SIGHUP, self.log.reopen_after_sighup)
+        self.loop.on_signal(signal.SIGUSR1, self.keeper.nudged)
+        config = self.launcher.config
+        self.log.info(
+            "rvgahp %s starting on %s (Python %s); config %s" % (VERSION, socket.gethostname(), sys.version.split()[0], config.path)
+        )
+        for note in config.notes:
+            self.log.info(note)
+        if self.die_with_parent is None:
+            self.log.info("note: this system cannot end GAHPs with the server (no prctl), so a kill -9 of the server leaves them running")
+        self.keeper.connect()
+        self.loop.run()
+        self.log.info("stopped")
+        return self.exit_status
+
+    def files_gone(self):
+        """Why the server has nothing left to run on (its transport or config is gone), or None."""
+        for what, path in (("transport", self.layout.transport), ("config", self.launcher.config.path)):
+            if not os.path.lexists(path):
+                return "its %s %s is gone" % (what, path)
+        return None
+
+    # -- sessions
+
+    def on_open(self, cid, payload):
+        link = self.link
+        if cid in link.channels or cid == 0 or cid & TUNNEL_CHANNEL:
+            link.close("protocol error: OPEN for channel %d, which is in use or not the proxy's to open" % cid)
+            return
+        try:
+            fields = decode_fields(payload)
+        except ProtocolError as e:
+            self.refuse(cid, "malformed request: %s" % e)
+            return
+        if len(self.session_of_pid) >= MAX_SESSIONS:
+            self.refuse(cid, "this server already runs %d GAHPs (the limit)" % MAX_SESSIONS)
+            return
+        try:
+            self.start_session(cid, fields)
+        except UserError as e:
+            self.refuse(cid, str(e))
+        except Exception as e:  # one session's fault never takes the link down
+            self.log.debug(traceback_text())
+            self.refuse(cid, "internal error: %s" % e)
+
+    def start_session(self, cid, fields):
+        gahp = fields.get("gahp", "")
+        child, stdout_r, stdin_w, origin, argv, config = self.launcher.take(gahp)
+        session = ServerSession(self, cid, gahp, child, stdout_r, stdin_w)
+        try:
+            reply = {"pid": child.pid}
+            if fields.get("tunnel") == "1" and gahp == "condor_ft-gahp":  # only the ft-gahp transfers files
+                reply.update(self.open_tunnel(session, config))
+        except BaseException:
+            # The start is refused after all: the GAHP we took must not outlive it, held
+            # by nobody, one more with every retry the GridManager makes.
+            session.abandon()
+            raise
+        self.link.channels[cid] = session
+        self.session_of_pid[child.pid] = session
+        self.link.send(ACCEPT, cid, encode_fields(reply))
+        session.begin_relay()
+        self.log.info("session %d: %s runs as pid %d, %s (%s)%s" % (cid, gahp, child.pid, origin, argv[0], session.tunnel_note()))
+
+    def open_tunnel(self, session, config):
+        """The ACCEPT fields that tell the client about this session's tunnel port."""
+        if not config.boolean("RVGAHP_FT_TUNNEL", True):
+            return {"tunnel": "off"}
+        try:
+            session.tunnel = TunnelListener(self, session)
+        except OSError as e:
+            reason = "cannot open a TCP port on the cluster's 127.0.0.1: %s" % (e.strerror or e)
+            self.log.info("session %d: tunnel: %s" % (session.cid, reason))
+            return {"tunnel": "error", "tunnel_error": reason}
+        return {"tunnel": "on", "tunnel_port": session.tunnel.port}
+
+    def new_tunnel_cid(self):
+        while True:
+            self.next_tunnel_cid = self.next_tunnel_cid % 0x7FFFFFFF + 1
+            cid = TUNNEL_CHANNEL | self.next_tunnel_cid
+            if cid not in self.link.channels:
+                return cid
+
+    def refuse(self, cid, reason):
+        self.log.info("session %d: refused: %s" % (cid, reason))
+        self.link.send(REFUSE, cid, encode_fields({"reason": reason}))
+
+    def gahp_gone(self, session):
+        self.session_of_pid.pop(session.child.pid, None)
+
+    # -- children and signals
 
     def reap(self):
         while True:
@@ -2445,32 +2503,24 @@ class Server:
             child = self.children.pop(pid, None)
             if child is not None:
                 child.exited(status)
-        self._maybe_exit()
-
-    def gahp_gone(self, session):
-        self.sessions.pop(session.child.pid, None)
-
-    # -- signals
+        self.maybe_exit()
 
     def shutdown(self):
         if self.stopping:
             return
         self.stopping = True
+        running, spares = len(self.session_of_pid), len(self.launcher.spares)
         self.log.info(
             "shutting down: closing the link, ending %d GAHP%s in sessions and %d spare%s"
-            % (len(self.sessions), "" if len(self.sessions) == 1 else "s", len(self.spares), "" if len(self.spares) == 1 else "s")
+            % (running, "" if running == 1 else "s", spares, "" if spares == 1 else "s")
         )
-        self.discard_spares()
-        if self.next_attempt is not None:
-            self.next_attempt.cancel()
-        if self.link is not None and not self.link.closed:
-            self.link.close("the server is shutting down")
-        self.stop_transport()
+        self.launcher.discard_spares()
+        self.keeper.stop()
         # Give up waiting on anything that ignores EOF and SIGTERM; it gets SIGKILL.
         self.loop.call_later(GAHP_TERM_AFTER + GAHP_KILL_AFTER + 1.0, self.loop.stop)
-        self._maybe_exit()
+        self.maybe_exit()
 
-    def _maybe_exit(self):
+    def maybe_exit(self):
         if self.stopping and not self.children:
             self.loop.stop()
 
@@ -2499,8 +2549,8 @@ class Spare:
     at start cannot turn into a fork loop.
     """
 
-    def __init__(self, server, key, gahp, child, stdout_r, stdin_w):
-        self.server = server
+    def __init__(self, launcher, key, gahp, child, stdout_r, stdin_w):
+        self.launcher = launcher
         self.key = key
         self.gahp = gahp
         self.child = child
@@ -2516,13 +2566,13 @@ class Spare:
         return handed
 
     def exited(self, status):
-        idle = self.server.spares.get(self.key) is self
+        idle = self.launcher.spares.get(self.key) is self
         self.discard()
         if idle:
-            del self.server.spares[self.key]
-            self.server.log.info(
+            del self.launcher.spares[self.key]
+            self.launcher.log.info(
                 "spare %s pid %d exited while idle (%s); the next session starts its own"
-                % (self.gahp, self.child.pid, status_text(describe_status(status)))
+                % (self.gahp, self.child.pid, exit_text(exit_fields(status)))
             )
 
     def discard(self):
@@ -2595,7 +2645,7 @@ class ServerSession(Channel):
     def _maybe_finish(self):
         if self.released or not self.source_done or self.child.running():
             return
-        fields = describe_status(self.child.status)
+        fields = exit_fields(self.child.status)
         if self.sent == 0 and fields != {"exit": 0}:
             # It died before its banner: the GridManager will show only its stderr
             # lines, so send it the likeliest cause, the GAHP's own last words.
@@ -2605,7 +2655,7 @@ class ServerSession(Channel):
                 fields["stderr_tail"] = last_line_of(self.child.stderr_log)
         self.link.send(CLOSE, self.cid, encode_fields(fields))
         self.log.info(
-            "session %d: %s pid %d ended (%s) after %s" % (self.cid, self.gahp, self.child.pid, status_text(fields), self.summary())
+            "session %d: %s pid %d ended (%s) after %s" % (self.cid, self.gahp, self.child.pid, exit_text(fields), self.summary())
         )
         self.release()
 
@@ -2615,7 +2665,7 @@ class ServerSession(Channel):
             self.tunnel.close()
 
     def peer_closed(self, fields):
-        self.log.info("session %d: the client ended it (%s) after %s" % (self.cid, status_text(fields), self.summary()))
+        self.log.info("session %d: the client ended it (%s) after %s" % (self.cid, exit_text(fields), self.summary()))
         self.abandon()
 
     def failed(self, reason):
@@ -3024,100 +3074,53 @@ class TunnelConn(Channel):
 # --------------------------------------------------------------------------- the proxy
 
 
-class Proxy:
-    """Owns SOCKPATH on the submit host and carries its clients' sessions on the link."""
+class SocketClaim:
+    """The proxy's hold on SOCKPATH: it binds the socket, or stands by while another
+    live proxy serves it; it touches the lock as a heartbeat, takes over from a proxy
+    that has stopped or gone silent, and lets go of socket and lock with the link."""
 
-    def __init__(self, log, sockpath):
-        self.log = log
-        self.sockpath = sockpath
-        self.lock_path = sockpath + ".lock"
-        self.loop = Loop(log)
+    def __init__(self, proxy):
+        self.proxy = proxy
+        self.loop = proxy.loop
+        self.log = proxy.log
+        self.sockpath = proxy.sockpath
+        self.lock_path = proxy.sockpath + ".lock"
         self.listener = None
         self.lock_fd = None
         self.bound_inode = None
-        self.link = None
-        self.ready = False
         self.standby = False
-        self.waiting = []  # sessions that arrived before the server's hello
-        self.sessions = {}  # cid -> ProxySession, until released
-        self.wide_pipe_sessions = wide_pipe_sessions()
-        self.clients = set()
-        self.draining = set()  # sessions whose GAHP has ended, still writing its last output
-        self.next_cid = 0
-        self.started = time.time()
-        self.link_up_at = None
-        self.sessions_total = 0
-        self.sessions_refused = 0
 
-    def run(self):
-        check_socket_path(self.sockpath)
-        rfd, wfd = take_stdio_for_link()
-        self.link = Link(self.loop, self.log, rfd, wfd, self)
-        self.link.watch_answers = True
-        self.loop.on_signal(signal.SIGTERM, self.shutdown)
-        self.loop.on_signal(signal.SIGINT, self.shutdown)
-        self.loop.on_signal(signal.SIGHUP, self.log.reopen_after_sighup)
-        hello = {
-            "role": "proxy",
-            "rvgahp": VERSION,
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "socket": self.sockpath,
-            "features": ",".join(FEATURES),
-        }
-        try:
-            self.claim_socket()
-            hello["state"] = "active"
-        except SocketBusy as e:
-            # Another link serves the socket: keep this one up as a hot standby that
-            # takes over when that one ends, without another ssh login.
-            self.log.info("%s; standing by to take over when it ends" % e)
-            self.standby = True
-            hello.update(state="standby", reason=str(e))
-            self.loop.call_later(STANDBY_POLL, self._try_takeover)
-        except UserError as e:
-            self._cannot_serve(str(e), hello)
-            self.loop.run()
-            return 1
-        self.link.start(hello)
-        self.loop.run()
-        return 0
-
-    def _cannot_serve(self, reason, hello=None):
-        """Say why to the server (which logs it and backs off), then end the link."""
-        self.log.info(reason)
-        if hello is not None:
-            hello.update(state="error", reason=reason)
-            self.link.start(hello)
-        else:
-            self.link.send(STATE, 0, encode_fields({"state": "error", "reason": reason}))
-        self.link.outbox.when_drained(lambda: self.link.close(reason))
+    def stand_by(self):
+        """Another link serves the socket: keep this one up as a hot standby that takes
+        over when that one ends, without another ssh login."""
+        self.standby = True
+        self.loop.call_later(STANDBY_POLL, self._try_takeover)
 
     def _try_takeover(self):
-        if self.link.closed:
+        if self.proxy.link.closed:
             return
         try:
             try:
-                self.claim_socket()
+                self.claim()
             except SocketBusy:
                 silent = self._owner_silent_for()
-                if silent is None or silent <= self.link.ping_timeout:
+                if silent is None or silent <= self.proxy.link.ping_timeout:
                     self.loop.call_later(STANDBY_POLL, self._try_takeover)
                     return
                 self.log.info(
                     "the rvgahp_proxy serving %s has not been heard from for %.0f s (stopped or hung?); taking over"
                     % (self.sockpath, silent)
                 )
-                self.claim_socket(owner_is_silent=True)
+                self.claim(owner_is_silent=True)
         except SocketBusy:
             self.loop.call_later(STANDBY_POLL, self._try_takeover)
             return
         except UserError as e:
-            self._cannot_serve(str(e))
+            self.proxy.cannot_serve(str(e))
             return
         self.standby = False
         self.log.info("took over %s: the link that served it has ended" % self.sockpath)
-        self.link.send(STATE, 0, encode_fields({"state": "active"}))
+        self.proxy.link.send(STATE, 0, encode_fields({"state": "active"}))
 
     def _owner_silent_for(self):
         """Seconds since the serving proxy last touched the lock file: its heartbeat."""
@@ -3127,7 +3130,7 @@ class Proxy:
             return None
         return None if st.st_uid != os.getuid() else time.time() - st.st_mtime
 
-    def claim_socket(self, owner_is_silent=False):
+    def claim(self, owner_is_silent=False):
         """Bind SOCKPATH, replacing a dead socket of ours but never stealing a live one.
 
         A lock on SOCKPATH.lock, held for the proxy's life and touched as a heartbeat,
@@ -3166,7 +3169,7 @@ class Proxy:
         listener.setblocking(False)
         self.listener = listener
         self.bound_inode = os.stat(self.sockpath).st_ino
-        self.loop.on_readable(listener.fileno(), self.accept)
+        self.loop.on_readable(listener.fileno(), self.proxy.accept)
         self._heartbeat()
 
     def _remove_dead_socket(self, owner_is_silent):
@@ -3195,15 +3198,15 @@ class Proxy:
 
     def _heartbeat(self):
         """Touch the lock now and then: a standby proxy takes over from one that stops."""
-        if self.lock_fd is None or self.link.closed:
+        if self.lock_fd is None or self.proxy.link.closed:
             return
         try:
             os.utime(self.lock_fd)
         except OSError:
             pass
-        self.loop.call_later(max(0.5, min(self.link.ping_interval, self.link.ping_timeout / 3)), self._heartbeat)
+        self.loop.call_later(max(0.5, min(self.proxy.link.ping_interval, self.proxy.link.ping_timeout / 3)), self._heartbeat)
 
-    def release_socket(self):
+    def release(self):
         if self.listener is None:
             return
         self.loop.forget(self.listener.fileno())
@@ -3219,8 +3222,71 @@ class Proxy:
         close_fd(self.lock_fd)
         self.lock_fd = None
 
+
+class Proxy:
+    """Owns SOCKPATH on the submit host and carries its clients' sessions on the link."""
+
+    def __init__(self, log, sockpath):
+        self.log = log
+        self.sockpath = sockpath
+        self.loop = Loop(log)
+        self.claim = SocketClaim(self)
+        self.link = None
+        self.ready = False
+        self.waiting = []  # sessions that arrived before the server's hello
+        self.session_of_cid = {}  # a channel -> its ProxySession, until released
+        self.wide_pipe_quota = wide_pipe_sessions()  # sessions whose pipes may be widened
+        self.clients = set()
+        self.draining = set()  # sessions whose GAHP has ended, still writing its last output
+        self.next_cid = 0
+        self.started = time.time()
+        self.link_up_at = None
+        self.sessions_total = 0
+        self.sessions_refused = 0
+
+    def run(self):
+        check_socket_path(self.sockpath)
+        rfd, wfd = take_stdio_for_link()
+        self.link = Link(self.loop, self.log, rfd, wfd, self)
+        self.link.watch_answers = True
+        self.loop.on_signal(signal.SIGTERM, self.shutdown)
+        self.loop.on_signal(signal.SIGINT, self.shutdown)
+        self.loop.on_signal(signal.SIGHUP, self.log.reopen_after_sighup)
+        hello = {
+            "role": "proxy",
+            "rvgahp": VERSION,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "socket": self.sockpath,
+            "features": ",".join(FEATURES),
+        }
+        try:
+            self.claim.claim()
+            hello["state"] = "active"
+        except SocketBusy as e:
+            self.log.info("%s; standing by to take over when it ends" % e)
+            hello.update(state="standby", reason=str(e))
+            self.claim.stand_by()
+        except UserError as e:
+            self.cannot_serve(str(e), hello)
+            self.loop.run()
+            return 1
+        self.link.start(hello)
+        self.loop.run()
+        return 0
+
+    def cannot_serve(self, reason, hello=None):
+        """Say why to the server (which logs it and backs off), then end the link."""
+        self.log.info(reason)
+        if hello is not None:
+            hello.update(state="error", reason=reason)
+            self.link.start(hello)
+        else:
+            self.link.send(STATE, 0, encode_fields({"state": "error", "reason": reason}))
+        self.link.outbox.when_drained(lambda: self.link.close(reason))
+
     def accept(self):
-        accept_waiting(self.loop, self.log, self.listener, "cannot accept a client", self._take_client)
+        accept_waiting(self.loop, self.log, self.claim.listener, "cannot accept a client", self._take_client)
 
     def _take_client(self, sock, _):
         conn = ClientConn(self, sock)
@@ -3234,18 +3300,18 @@ class Proxy:
 
     def open_session(self, conn, fields, fds):
         gahp = fields.get("gahp", "")
-        if len(self.sessions) >= MAX_SESSIONS:
+        if len(self.session_of_cid) >= MAX_SESSIONS:
             close_fds(fds)
             conn.finish(REFUSE, {"reason": "the proxy already carries %d sessions (the limit)" % MAX_SESSIONS, "by": "proxy"})
             return
         cid = self._new_cid()
         self.sessions_total += 1
-        if len(self.sessions) < self.wide_pipe_sessions:
+        if len(self.session_of_cid) < self.wide_pipe_quota:
             widen_pipe(fds[0])  # the GridManager's pipes (files and sockets stay as they are)
             widen_pipe(fds[1])
         session = ProxySession(self, cid, conn, gahp, fds[0], fds[1], tunnel_address(fields))
         conn.session = session
-        self.link.channels[cid] = self.sessions[cid] = session
+        self.link.channels[cid] = self.session_of_cid[cid] = session
         if self.ready:
             session.send_open()
         else:
@@ -3257,7 +3323,7 @@ class Proxy:
         link = self.link
         peer = link.peer or {}
         heard = now - link.last_heard
-        if self.standby:
+        if self.claim.standby:
             state = "standby"
         elif not self.ready:
             state = "starting"
@@ -3265,7 +3331,7 @@ class Proxy:
             state = "silent"  # pings go unanswered: it may be dying, and must not look "up"
         else:
             state = "up"
-        sessions = sorted(self.sessions.values(), key=lambda s: s.cid)
+        sessions = sorted(self.session_of_cid.values(), key=lambda s: s.cid)
         return {
             "socket": self.sockpath,
             "proxy": {"pid": os.getpid(), "host": socket.gethostname(), "rvgahp": VERSION, "since": self.started},
@@ -3342,7 +3408,7 @@ class Proxy:
         if not cid & TUNNEL_CHANNEL or cid in self.link.channels:
             raise ProtocolError("TUNNEL on channel %d, which is not free for one" % cid)
         fields = decode_fields(payload)
-        session = self.sessions.get(whole_number(fields.get("session", ""), 1, 0xFFFFFFFF))
+        session = self.session_of_cid.get(whole_number(fields.get("session", ""), 1, 0xFFFFFFFF))
         reason = None
         if set(fields) != {"session"}:
             reason = "the server sent %s; a tunnel goes only to the address its session's client announced" % ", ".join(sorted(fields))
@@ -3369,7 +3435,7 @@ class Proxy:
     def on_link_closed(self, reason):
         self.log.info("link down: %s" % reason)
         # The socket goes first, so no new client reaches a proxy that cannot serve it.
-        self.release_socket()
+        self.claim.release()
         for session in self.waiting:
             session.link_lost(reason)
         for conn in list(self.clients):
@@ -3706,7 +3772,7 @@ class ProxySession(Channel):
 
     def release(self):
         Channel.release(self)
-        self.proxy.sessions.pop(self.cid, None)
+        self.proxy.session_of_cid.pop(self.cid, None)
         for conn in list(self.tunnel_conns.values()):
             conn.abort("its session ended")
 
@@ -3726,8 +3792,8 @@ class ProxySession(Channel):
 
         def delivered():
             self.end_sink()
-            self.log.info("session %d: %s ended (%s) after %s" % (self.cid, self.gahp, status_text(fields), self.summary()))
-            self.conn.finish_line(status_line(fields))
+            self.log.info("session %d: %s ended (%s) after %s" % (self.cid, self.gahp, exit_text(fields), self.summary()))
+            self.conn.finish_line(exit_line(fields))
             self.release()
             self.proxy.draining.discard(self)
 
@@ -3737,13 +3803,13 @@ class ProxySession(Channel):
         """Tell the client why, and let the GridManager see EOF only once the client has
         said so on stderr: the GridManager fails the start at that EOF, and its reason for
         the resource is made of the stderr lines it has read by then."""
-        cause = "%s before its banner" % status_text(fields)
+        cause = "%s before its banner" % exit_text(fields)
         if fields.get("stderr_log"):
             tail = fields.get("stderr_tail") or "(nothing)"
             cause += "; the last line of %s on the cluster: %s" % (fields["stderr_log"], tail)
         self.log.info("session %d: %s did not start: %s" % (self.cid, self.gahp, cause))
         self.reported = True
-        self.conn.outbox.write(status_line({"error": cause}).encode("utf-8"))
+        self.conn.outbox.write(exit_line({"error": cause}).encode("utf-8"))
         # The client exits once it has printed the line; its hang-up ends the session.
         self.loop.call_later(EXIT_LINGER, self.client_gone)
 
@@ -3769,7 +3835,7 @@ class ProxySession(Channel):
         if self.released:
             return
         if self.state == "open":
-            self.conn.finish_line(status_line({"error": "the link to the cluster went down mid-session (%s)" % reason}))
+            self.conn.finish_line(exit_line({"error": "the link to the cluster went down mid-session (%s)" % reason}))
         else:
             self.conn.finish(RETRY, {"reason": reason})
         self.release()

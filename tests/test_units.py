@@ -378,13 +378,13 @@ def test_the_waiting_shell_does_only_arithmetic_on_plain_numbers(shell, tmp_path
         assert result.returncode == 1 and not marker.exists(), (hostile, result)
 
 
-def test_status_lines_carry_only_small_numbers():
-    assert rvgahp.status_line({"exit": "0"}) == "exit 0\n"
-    assert rvgahp.status_line({"signal": "9"}) == "signal 9\n"
-    assert rvgahp.status_line({"error": "two\nlines"}) == "error two lines\n"
+def test_exit_lines_carry_only_small_numbers():
+    assert rvgahp.exit_line({"exit": "0"}) == "exit 0\n"
+    assert rvgahp.exit_line({"signal": "9"}) == "signal 9\n"
+    assert rvgahp.exit_line({"error": "two\nlines"}) == "error two lines\n"
     for bad in ("a[$(id)]", "256", "-1", "²", ""):
-        assert rvgahp.status_line({"signal": bad}).startswith("error the server sent a bad signal status")
-    assert rvgahp.status_line({}) == "error the session ended without a status\n"
+        assert rvgahp.exit_line({"signal": bad}).startswith("error the server sent a bad signal status")
+    assert rvgahp.exit_line({}) == "error the session ended without a status\n"
 
 
 def test_the_loop_never_calls_back_for_an_fd_closed_earlier_in_the_same_batch():
