@@ -86,8 +86,8 @@ MAX_PAYLOAD = 256 * 1024  # a larger frame is a protocol error, not a big alloca
 MAX_PING_PAYLOAD = 64  # a PING carries a timestamp; more is a peer trying to make us queue
 CHANNEL_WINDOW = 512 * 1024  # bytes a sender may have in flight per channel direction
 # ...and per tunnel connection, where both ends know the feature "wide_tunnel". One file
-# transfer must keep the whole path through ssh busy, and 512 KiB in flight could not:
-# with 2 MiB, one stream moved 1.1-1.5x as fast (see tunnel_window).
+# transfer must keep the whole path through ssh busy, and 512 KiB in flight could not
+# (python3 bench/tunnel.py; the figures are in docs/performance.md).
 TUNNEL_WINDOW = 2 * 1024 * 1024
 LINK_HIGH_WATER = 2 * 1024 * 1024  # stop reading sources while the link is this backed up
 LINK_LOW_WATER = 512 * 1024  # ...and resume once it has drained to here
@@ -644,8 +644,8 @@ class FrameReader:
 
     # Every relayed message passes through a FrameReader, a Link, a Channel and an Outbox.
     # With fixed attributes (slots) each attribute read is a direct load, not a dict
-    # lookup: together with a leaner loop turn, about 15% less CPU per round trip in the
-    # proxy and the server on CPython 3.6, and a little less on 3.13.
+    # lookup: together with a leaner loop turn, a sixth less CPU per round trip in the
+    # proxy and the server (python3 bench/bench.py --only rtt; docs/performance.md).
     __slots__ = ("data_channel", "data_left", "need", "partial", "stream_data")
 
     def __init__(self, stream_data=False):
@@ -2834,7 +2834,7 @@ class SockDiag:
 
     The question is on the path of every new tunnel connection, so the server keeps one
     netlink socket open: making one for each question cost more than asking it
-    (25 against 9 microseconds a question)."""
+    (bench/tunnel.py counts the server's CPU per connection)."""
 
     def __init__(self):
         self.sock = None
@@ -3482,8 +3482,8 @@ def peer_uid(sock):
     return struct.unpack("3i", creds)[1]
 
 
-# The fds of an SCM_RIGHTS message are C ints. struct packs them, not the array module:
-# from 3.10 on, importing array imports collections, which cost the client 4 ms a start.
+# The fds of an SCM_RIGHTS message are C ints. struct packs them: array would be one more
+# import on every client's start.
 def pack_fds(fds):
     return struct.pack("%di" % len(fds), *fds)
 
@@ -4247,8 +4247,9 @@ def gridmanager_address(inherit):
     if not host or number is None:
         return None, "cannot find the GridManager's address in CONDOR_INHERIT (%s)" % ascii(inherit[:100])
     try:
-        # A host given as text goes through the idna codec, which imports re and
-        # collections: 20 ms of an ft-gahp's start. Sinfuls carry numeric addresses.
+        # A host given as text goes through the idna codec, which imports re: 20 ms of an
+        # ft-gahp's start (python3 bench/import_costs.py encodings.idna). Sinfuls carry
+        # numeric addresses.
         name = host.encode("ascii") if all(c < "\x80" for c in host) else host
         address = socket.getaddrinfo(name, number, 0, socket.SOCK_STREAM)[0][4]
     except (OSError, UnicodeError) as e:
