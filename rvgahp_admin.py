@@ -239,10 +239,12 @@ def cipher_preference(where):
     return CIPHER_PREFERENCE % where
 
 
-def authorized_key_text(pubkey, sock, proxy):
-    """The submit host's authorized_keys line for the cluster's key: no shell, only the proxy."""
+def authorized_key_text(pubkey, sock, proxy, cluster=None):
+    """The submit host's authorized_keys line for the cluster's key: no shell, only the
+    proxy; with cluster, a comment naming it, so that no other cluster's setup takes it."""
     command = proxy_command(proxy, sock).replace("\\", "\\\\").replace('"', '\\"')
-    return 'restrict,command="%s" %s\n' % (command, pubkey.strip())
+    owner = OWNER_MARK + cluster + "\n" if cluster else ""
+    return '%srestrict,command="%s" %s\n' % (owner, command, pubkey.strip())
 
 
 def server_config_text(blahpd, ft_gahp):
@@ -844,16 +846,22 @@ def parse_destination(text, what, default_user=None):
     return user, host, int(port) if port else None
 
 
-def short_name(host):
-    """The cluster's name in file names: an address whole, a host name up to its first dot."""
-    import ipaddress
+def cluster_name(user, host):
+    """The cluster's name in file names: the account and the whole host, so that two
+    clusters whose login nodes are both login.* never share a socket or a key line."""
+    name = "%s@%s" % (user, host) if user else host
+    return "".join(c if c.isalnum() or c in "._-@" else "_" for c in name) or "cluster"
 
-    try:
-        ipaddress.ip_address(host)
-        name = host
-    except ValueError:
-        name = host.split(".")[0]
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or "cluster"
+
+OWNER_MARK = "# rvgahp: the link from "  # a comment line in our authorized_keys block
+
+
+def block_owner(body):
+    """The cluster (USER@HOST) an authorized_keys block of ours was written for, or None."""
+    for line in (body or "").splitlines():
+        if line.startswith(OWNER_MARK):
+            return line[len(OWNER_MARK) :].strip()
+    return None
 
 
 class Remote:
@@ -982,7 +990,7 @@ class Setup:
         self.cluster = parse_destination(opts.cluster, "cluster", default_user=self.local_user)
         if "@" not in opts.cluster:
             self.cluster = (None,) + self.cluster[1:]
-        self.name = short_name(self.cluster[1])
+        self.name = cluster_name(self.cluster[0] or self.local_user, self.cluster[1])
         self.sock = os.path.abspath(os.path.expanduser(opts.socket or os.path.join("~/.rvgahp", self.name + ".sock")))
         check_socket_path(self.sock)
         self.submit = parse_destination(opts.submit_host or socket.getfqdn(), "--submit-host", default_user=self.local_user)
@@ -1065,6 +1073,7 @@ class Setup:
             self.say("      %-15s %s" % (name, g["path"]))
         if not found["crontab_cmd"]:
             self.fail("crontab is not available on the cluster; ask its admins for cron, or run rvgahp_server from the systemd unit")
+        self.batch = self.choose_batch(found["batch"])
         self.found = found
         self.python = None if found["cron_python_ok"] else found["python"]
 
@@ -1081,10 +1090,38 @@ class Setup:
         self.known_hosts = "# The submit host's ssh host keys, for the transport's StrictHostKeyChecking.\n" + "\n".join(keys) + "\n"
         self.say("      %d key%s for %s" % (len(keys), "" if len(keys) == 1 else "s", keys[0].split()[0]))
 
+    def choose_batch(self, found):
+        """The batch system for grid_resource: named with --batch-system, the only one
+        found, or asked for (with a terminal) when the cluster has several."""
+        names = [b for _, b in BATCH_SYSTEMS]
+        if self.opts.batch_system:
+            if self.opts.batch_system not in names:
+                self.fail("--batch-system %s: expected one of %s" % (self.opts.batch_system, ", ".join(names)))
+            self.say("      batch system    %s (--batch-system)" % self.opts.batch_system)
+            return self.opts.batch_system
+        if len(found) == 1:
+            self.say("      batch system    %s" % found[0])
+            return found[0]
+        if not found:
+            self.say(
+                "      batch system    none found on PATH (looked for %s); grid_resource names slurm below"
+                % ", ".join(c for c, _ in BATCH_SYSTEMS)
+            )
+            return "slurm"
+        if not sys.stdin.isatty():
+            self.fail("the cluster has several batch systems (%s); choose one with --batch-system NAME" % ", ".join(found))
+        while True:
+            sys.stdout.write("      the cluster has %s; which one runs the jobs? [%s] " % (", ".join(found), found[0]))
+            sys.stdout.flush()
+            answer = sys.stdin.readline().strip() or found[0]
+            if answer in found:
+                return answer
+            self.say("      %s is not one of %s" % (answer, ", ".join(found)))
+
     def copy(self):
         self.payload, where = running_payload()
         digest = hashlib.sha256(self.payload).hexdigest()
-        self.step("copy", "copy rvgahp %s to the cluster (%s)" % (VERSION, home_path(where, self.home)))
+        self.step("copy", "copy rvgahp %s to ~/bin/rvgahp.pyz on the cluster (from %s)" % (VERSION, home_path(where, self.home)))
         self.staged = ".rvgahp.pyz" + TEMP_SUFFIX
         if self.dry:
             self.say(
@@ -1153,15 +1190,42 @@ class Setup:
             self.fail("the socket's directory %s does not exist; create it (mode 0700) or choose another --socket" % parent)
         a.directory(self.bin, 0o755)
         a.file_bytes(os.path.join(self.bin, "rvgahp.pyz"), self.payload, 0o755)
-        for role in ("proxy", "client"):
-            a.symlink(os.path.join(self.bin, "rvgahp_" + role), "rvgahp.pyz")
+        # rvgahp itself too: the README's `rvgahp doctor` and `rvgahp setup` must work here.
+        for name in ("rvgahp_proxy", "rvgahp_client", "rvgahp"):
+            a.symlink(os.path.join(self.bin, name), "rvgahp.pyz")
         ssh_dir = os.path.join(self.home, ".ssh")
         a.directory(ssh_dir, 0o700)
-        a.block(os.path.join(ssh_dir, "authorized_keys"), authorized_key_text(self.pubkey, self.sock, self.proxy))
+        keys = os.path.join(ssh_dir, "authorized_keys")
+        self.drop_older_blocks(a, keys)
+        a.block(keys, authorized_key_text(self.pubkey, self.sock, self.proxy, self.owner()))
         if self.opts.condor_config:
             a.block(os.path.abspath(os.path.expanduser(self.opts.condor_config)), condor_config_text(self.client), default_mode=0o644)
         self.detail(a.report)
         self.changed += a.changed
+
+    def owner(self):
+        user, host, _ = self.cluster
+        return "%s@%s" % (user or self.local_user, host)
+
+    def check_socket_is_ours(self):
+        """Stop before anything changes if another cluster's setup owns this socket."""
+        text = read_text(os.path.join(self.home, ".ssh", "authorized_keys")) or ""
+        other = block_owner(block_body(text, self.sock))
+        if other and other != self.owner():
+            raise UserError(
+                "%s is the socket of %s, set up by an earlier rvgahp setup; choose another --socket for %s, "
+                "or run rvgahp setup --remove %s first" % (home_path(self.sock, self.home), other, self.owner(), other)
+            )
+
+    def drop_older_blocks(self, applier, keys):
+        """sshd uses the first line of a key: an older block for this cluster's key (a socket
+        of an earlier setup) would win over ours for ever. It goes, and is named."""
+        text = read_text(keys) or ""
+        key = " ".join(self.pubkey.split()[:2])
+        for ident in block_idents(text):
+            if ident != self.sock and key in (block_body(text, ident) or ""):
+                applier.unblock(keys, ident)
+                self.say("      %-22s the block for the socket %s: it had this cluster's key" % ("replaced", home_path(ident, self.home)))
 
     def start(self):
         self.step("start", "start rvgahp_server on the cluster now (cron starts it at boot)")
@@ -1218,8 +1282,13 @@ class Setup:
                 except subprocess.TimeoutExpired:
                     pass
                 self.fail(
-                    "%s gave no banner (%s): %s; see ~/.rvgahp/gahp_stderr.log on the cluster"
-                    % (gahp, "still running" if child.returncode is None else "exit %d" % child.returncode, last_line(err))
+                    "%s gave no banner (%s): %s; see ~/.rvgahp/gahp_stderr.%s.log on the cluster"
+                    % (
+                        gahp,
+                        "still running" if child.returncode is None else "exit %d" % child.returncode,
+                        last_line(err),
+                        self.cluster_out.get("tag", "HOST"),
+                    )
                 )
             self.say("      %-15s %s" % (gahp, out.splitlines()[0][:70]))
             if listener is not None:
@@ -1259,15 +1328,22 @@ class Setup:
         echo.join(max(0.0, deadline - time.monotonic()))
         here = "127.0.0.1:%d" % listener.getsockname()[1]
         if done.stdout.strip() != token or heard != [token.encode()]:
+            said = (done.stderr or done.stdout).strip()
+            cause = last_line(said) if said else "the cluster's side exited %d without a word" % done.returncode
+            cause += "; %s here heard %s" % (
+                here,
+                "the token" if heard == [token.encode()] else "nothing" if not heard or not heard[0] else "only part of it",
+            )
             self.fail(
                 "a connection to port %s on the cluster's 127.0.0.1 did not reach %s here and back (%s); see the server's log "
                 "(%s on the cluster) and %s.log here"
-                % (allocated[0], here, last_line(done.stderr or done.stdout), self.cluster_out["log"], home_path(self.sock, self.home))
+                % (allocated[0], here, cause, self.cluster_out["log"], home_path(self.sock, self.home))
             )
         self.say("      tunnel: proven (port %s on the cluster's 127.0.0.1 reached %s here and back)" % (allocated[0], here))
 
     def install(self):
         self.say("rvgahp setup %s: socket %s%s" % (self.destination(), self.sock, " (dry run: nothing is written)" if self.dry else ""))
+        self.check_socket_is_ours()
         self.login()
         self.probe()
         self.hostkey()
@@ -1283,7 +1359,7 @@ class Setup:
             self.say("Done: %d change%s; the link is up." % (self.changed, "" if self.changed == 1 else "s"))
         else:
             self.say("Done: nothing changed, everything was already set up; the link is up.")
-        batch = (self.found.get("batch") or ["slurm"])[0]
+        batch = self.batch
         self.say("")
         self.say("For HTCondor (in condor_config.local or ~/.condor/user_config):")
         self.say("    " + condor_config_text(self.client).strip())
@@ -1355,6 +1431,11 @@ def setup_main(args):
     parser.add_argument("--blahpd", metavar="PATH", help="blahpd on the cluster (default: found on PATH or in BOSCO's places)")
     parser.add_argument("--ft-gahp", metavar="PATH", help="condor_ft-gahp on the cluster (default: found likewise)")
     parser.add_argument("--condor-config", metavar="FILE", help="also write REMOTE_GAHP into this HTCondor config file")
+    parser.add_argument(
+        "--batch-system",
+        metavar="NAME",
+        help="the batch system for grid_resource: %s (default: the one found on the cluster)" % ", ".join(b for _, b in BATCH_SYSTEMS),
+    )
     parser.add_argument("--dry-run", action="store_true", help="list every step, file and command; change nothing")
     parser.add_argument("--remove", action="store_true", help="undo what setup added, on both hosts")
     parser.add_argument("cluster", metavar="USER@CLUSTER")
@@ -1420,16 +1501,23 @@ class Doctor:
 
     def socket(self, sock):
         parent = os.path.dirname(sock)
+        # Every fix here is the user's own to run: never a chmod of a directory such as
+        # /tmp that others own and share. A socket there moves to a private directory.
+        move = (
+            "move the socket to a private directory: rvgahp setup --socket ~/.rvgahp/%s USER@CLUSTER, "
+            "then use the new path in grid_resource" % os.path.basename(sock)
+        )
         try:
             st = os.stat(parent)
-            loose = st.st_uid != os.getuid() or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX)
+            ours = st.st_uid == os.getuid()
+            loose = not ours or st.st_mode & 0o022
             self.add(
                 "socket directory",
                 not loose,
                 "%s is yours, mode %o" % (home_path(parent), stat.S_IMODE(st.st_mode))
                 if not loose
                 else "%s may be changed by others (owner uid %d, mode %o)" % (home_path(parent), st.st_uid, stat.S_IMODE(st.st_mode)),
-                "chmod 700 %s" % parent,
+                "chmod 700 %s" % parent if ours else move,
             )
         except FileNotFoundError:
             self.add("socket directory", False, "%s does not exist" % parent, "mkdir -m 700 %s" % parent)
@@ -1439,14 +1527,18 @@ class Doctor:
         except FileNotFoundError:
             self.add("socket", False, "%s does not exist: no link has come up" % sock, fix)
             return
-        if not stat.S_ISSOCK(st.st_mode):
-            self.add("socket", False, "%s is not a socket" % sock, "remove it: rm %s; the proxy makes the socket" % sock)
-        elif st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) != 0o600:
+        if st.st_uid != os.getuid():
+            self.add("socket", False, "%s belongs to uid %d, not to you: another user has taken the path" % (sock, st.st_uid), move)
+        elif not stat.S_ISSOCK(st.st_mode):
+            self.add(
+                "socket", False, "%s is not a socket" % sock, "move it aside (mv %s %s.old); the proxy makes the socket" % (sock, sock)
+            )
+        elif stat.S_IMODE(st.st_mode) != 0o600:
             self.add(
                 "socket",
                 False,
-                "%s belongs to uid %d with mode %o" % (sock, st.st_uid, stat.S_IMODE(st.st_mode)),
-                "remove it (rm %s) and let your own rvgahp_proxy make it; it makes it 0600" % sock,
+                "%s is yours with mode %o" % (sock, stat.S_IMODE(st.st_mode)),
+                "remove it (rm %s) and let your rvgahp_proxy make it again; it makes it 0600" % sock,
             )
         elif not socket_is_live(sock):
             self.add("socket", False, "%s is there but nothing serves it" % sock, fix)
@@ -1576,6 +1668,11 @@ class Doctor:
                     "run rvgahp setup again" if mode is None else "chmod 600 %s" % key,
                 )
                 return
+        if last_link_line(layout)[1]:
+            # A second login would only leave "standing by" and "link down" in the submit
+            # host's proxy log, where an admin reads them as trouble; the live link proves it.
+            self.add("transport", True, "%s: not tried again; the running server's link through it is up" % home_path(path))
+            return
         done = run(["/bin/sh", path], timeout=40)
         said = [line for line in done.stderr.splitlines() if line.strip() and "rvgahp_proxy[" not in line]
         self.add(
@@ -1605,16 +1702,14 @@ class Doctor:
 
     def last_login(self, layout):
         path = layout.default_log
-        text = read_text(path)
-        if text is None:
+        if read_text(path) is None:
             self.add("last login", None, "not checked: no log at %s" % home_path(path))
             return
-        last = None
-        for line in text.splitlines():
-            said = line.split("]: ", 1)[-1]
-            if said.startswith(("link up", "link active", "link attempt failed", "link down")):
-                last = said
-        good = last is not None and last.startswith(("link up", "link active"))
+        last, good = last_link_line(layout)
+        if last and last.startswith(("link up", "link active")) and not good:
+            # The log's last word is the past: the server that said it is gone.
+            pid = (read_text(layout.pid_file) or "").strip()
+            last += " (but that server, pid %s, is not running now; start it: ~/bin/rvgahp_server -d)" % (pid or "?")
         self.add(
             "last login",
             good if last else None,
@@ -1640,6 +1735,31 @@ class Doctor:
                 sys.stdout.write("    fix: %s\n" % c["fix"])
         bad = self.failed()
         sys.stdout.write("%d check%s failed\n" % (len(bad), "" if len(bad) == 1 else "s") if bad else "all checks passed\n")
+
+
+def last_link_line(layout):
+    """(the server log's last word on its link, whether that link is up now): up means the
+    last word says so and the server that said it is still running."""
+    last = None
+    for line in (read_text(layout.default_log) or "").splitlines():
+        said = line.split("]: ", 1)[-1]
+        if said.startswith(("link up", "link active", "link attempt failed", "link down")):
+            last = said
+    up = last is not None and last.startswith(("link up", "link active"))
+    return last, up and pid_is_running((read_text(layout.pid_file) or "").strip())
+
+
+def pid_is_running(text):
+    """Whether the pid in text (a pid file's) names a live process."""
+    if not (text.isdigit() and 0 < len(text) < 10):
+        return False
+    try:
+        os.kill(int(text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def parse_forced_command(body):

@@ -216,8 +216,13 @@ class World:
     def home(self, user, *parts):
         return os.path.join(pwd.getpwnam(user).pw_dir, *parts)
 
-    def sock(self, cluster=CLA):
-        return self.home(SUB, ".rvgahp", ("127.0.0.1" if cluster == CLA else "localhost") + ".sock")
+    def sock(self, cluster=CLA, host=None):
+        """setup's default socket: the cluster's account and whole host name."""
+        return self.home(SUB, ".rvgahp", "%s@%s.sock" % (cluster, host or self.host_of(cluster)))
+
+    @staticmethod
+    def host_of(cluster):
+        return "127.0.0.1" if cluster == CLA else "localhost"
 
     def env(self, user, **extra):
         env = {"HOME": self.home(user), "USER": user, "LOGNAME": user, "PATH": self.path, "SHELL": "/bin/bash", "LANG": "C.UTF-8"}
@@ -251,14 +256,14 @@ class World:
         env = ["%s=%s" % kv for kv in sorted(self.env(user).items())]
         return ["setpriv", "--reuid=%d" % pw.pw_uid, "--regid=%d" % pw.pw_gid, "--init-groups", "env", "-i", *env, *argv]
 
-    def setup(self, *args, cluster=CLA, kill_at=None, expect=0):
+    def setup(self, *args, cluster=CLA, kill_at=None, expect=0, host=None):
         """`rvgahp setup` as the submit user, with no terminal; (result, askpass calls)."""
         self.runs += 1
         log = os.path.join(self.askpass_dir, "calls.%d" % self.runs)
         argv = [PYTHON, ADMIN, "setup", "-p", str(self.port), "--submit-host", "%s@127.0.0.1:%d" % (SUB, self.port)]
         argv += ["--blahpd", harness.TESTGAHP, "--ft-gahp", harness.TESTGAHP] if "--no-gahps" not in args else []
         argv += [a for a in args if a != "--no-gahps"]
-        argv.append("%s@%s" % (cluster, "127.0.0.1" if cluster == CLA else "localhost"))
+        argv.append("%s@%s" % (cluster, host or self.host_of(cluster)))
         env = dict(
             SSH_ASKPASS=os.path.join(self.dir, "askpass"),
             SSH_ASKPASS_REQUIRE="force",
@@ -369,8 +374,8 @@ class World:
     def wait_link(self, cluster=CLA):
         harness.wait_for(lambda: rvgahp.socket_is_live(self.sock(cluster)), 30, what="the link; server log:\n" + self.server_log(cluster))
 
-    def session(self, cluster=CLA, gahp="blahpd"):
-        return harness.GahpSession(self.user_argv(SUB, self.home(SUB, "bin", "rvgahp_client"), self.sock(cluster), gahp))
+    def session(self, cluster=CLA, gahp="blahpd", sock=None):
+        return harness.GahpSession(self.user_argv(SUB, self.home(SUB, "bin", "rvgahp_client"), sock or self.sock(cluster), gahp))
 
     def close(self):
         drop_users((SUB, CLA, CLB))
@@ -386,10 +391,10 @@ def world():
     w.close()
 
 
-def works(world, cluster=CLA):
+def works(world, cluster=CLA, sock=None):
     """A session of each GAHP through the cluster's link, driven like the GridManager."""
     for gahp in ("blahpd", "condor_ft-gahp"):
-        s = world.session(cluster, gahp)
+        s = world.session(cluster, gahp, sock)
         assert s.banner().startswith("$GahpVersion")
         assert s.command("ECHO hello\\ from\\ %s" % cluster) == "S hello\\ from\\ %s" % cluster
         assert s.command("ENV CONDOR_CONFIG") == "S " + world.home(cluster, ".rvgahp", "condor_config.rvgahp")
@@ -808,3 +813,73 @@ def interrupted_then_completed(world, before, after, kill_at):
     assert calls == 1
     assert world.state(runtime=False, normalize=True) == after
     works(world)
+
+
+# --------------------------------------------------------------------------- two clusters, one submit user
+
+
+@pytest.fixture
+def login_names(world):
+    """Two clusters whose login nodes are both login.*: /etc/hosts names them, and the
+    submit user has logged in to both before (their host key is known), for this test."""
+    names = ("login.hpcc.example.edu", "login.other.example.org")
+    with open("/etc/hosts") as f:
+        saved = f.read()
+    known = Undo(world.home(SUB, ".ssh", "known_hosts"))
+    with open(os.path.join(world.sshd.dir, "host_key.pub")) as f:
+        hostkey = " ".join(f.read().split()[:2])
+    known.edit(lambda d: d + b"".join(b"[%s]:%d %s\n" % (n.encode(), world.port, hostkey.encode()) for n in names))
+    with open("/etc/hosts", "a") as f:
+        f.write("127.0.0.1 %s\n" % " ".join(names))
+    try:
+        yield names
+    finally:
+        with open("/etc/hosts", "w") as f:
+            f.write(saved)
+        known.restore()
+
+
+def test_two_clusters_whose_login_nodes_are_both_login_star_never_share_a_socket(world, login_names):
+    first, second = login_names
+    before = world.state()
+    world.setup(cluster=CLA, host=first)
+    world.setup(cluster=CLB, host=second)
+    assert world.sock(CLA, first) != world.sock(CLB, second)
+    works(world, CLA, world.sock(CLA, first))
+    works(world, CLB, world.sock(CLB, second))
+    s = world.session(CLA, "blahpd", world.sock(CLA, first))
+    assert s.banner().startswith("$GahpVersion")
+    assert s.command("CWD") == "S " + world.home(CLA), "the first cluster's socket runs its GAHPs on the first cluster"
+    s.finish()
+    world.setup("--remove", cluster=CLB, host=second)
+    world.setup("--remove", cluster=CLA, host=first)
+    assert differences(before, world.state()) == {}
+
+
+def test_a_socket_another_clusters_setup_owns_is_never_taken(world, login_names):
+    first, second = login_names
+    before = world.state()
+    world.setup(cluster=CLA, host=first)
+    taken = world.sock(CLA, first)
+    result, calls = world.setup("--socket", taken, cluster=CLB, host=second, expect=1)
+    assert calls == 0, "it stops before logging in"
+    line = result.stderr.strip().splitlines()
+    assert len(line) == 1 and "is the socket of %s@%s" % (CLA, first) in line[0] and "--socket" in line[0], result.stderr
+    works(world, CLA, taken)
+    world.setup("--remove", cluster=CLA, host=first)
+    assert differences(before, world.state()) == {}
+
+
+def test_a_new_socket_for_the_same_cluster_replaces_the_older_block_for_its_key(world):
+    before = world.state()
+    world.setup(cluster=CLA)
+    moved = world.home(SUB, ".rvgahp", "moved.sock")
+    result, _ = world.setup("--socket", moved, cluster=CLA)
+    assert "the block for the socket ~/.rvgahp/%s: it had this cluster's key" % os.path.basename(world.sock(CLA)) in result.stdout
+    with open(world.home(SUB, ".ssh", "authorized_keys")) as f:
+        keys = f.read()
+    assert keys.count("restrict,command=") == 1 and moved in keys
+    works(world, CLA, moved)  # sshd found the one line for the key: the link serves the new socket
+    world.setup("--remove", "--socket", moved, cluster=CLA)
+    world.setup("--remove", cluster=CLA)
+    assert differences(before, world.state()) == {}
