@@ -26,6 +26,14 @@ if ! command -v sshd >/dev/null && [ ! -x /usr/sbin/sshd ] || ! command -v ssh >
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client >/dev/null
 fi
 
+# The HTCondor tier (tests/test_htcondor.py) builds a Debian root with debootstrap and
+# runs it in network namespaces (iproute2) entered with nsenter (util-linux).
+if [ "$(id -u)" = 0 ] && { ! command -v debootstrap >/dev/null || ! command -v ip >/dev/null || ! command -v nsenter >/dev/null; }; then
+    say "installing debootstrap, iproute2 and util-linux for the HTCondor tier"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap iproute2 util-linux >/dev/null
+fi
+
 python=${PYTHON:-python3}
 venv=.venv
 if [ ! -x "$venv/bin/python" ]; then

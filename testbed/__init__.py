@@ -1,0 +1,1 @@
+"""Test beds with real third-party software (see testbed/htcondor.py)."""
