@@ -1438,6 +1438,7 @@ def setup_main(args):
     )
     parser.add_argument("--dry-run", action="store_true", help="list every step, file and command; change nothing")
     parser.add_argument("--remove", action="store_true", help="undo what setup added, on both hosts")
+    parser.add_argument("--version", action="version", version="rvgahp %s" % VERSION)
     parser.add_argument("cluster", metavar="USER@CLUSTER")
     opts = parser.parse_args(args)
     setup = Setup(opts)
@@ -1837,6 +1838,7 @@ def doctor_main(args):
     parser.add_argument("--json", action="store_true", help="one JSON object instead of lines")
     parser.add_argument("--socket", metavar="PATH", action="append", help="check this socket (default: those in ~/.ssh/authorized_keys)")
     parser.add_argument("-b", dest="basedir", metavar="BASEDIR", help="the cluster's HTCondor layout, as rvgahp_server -b")
+    parser.add_argument("--version", action="version", version="rvgahp %s" % VERSION)
     opts = parser.parse_args(args)
     home = os.path.expanduser("~")
     d = Doctor()
@@ -1872,13 +1874,38 @@ def doctor_main(args):
 # --------------------------------------------------------------------------- printers
 
 
+PRINT_USAGE = """\
+usage: rvgahp print transport --socket PATH [--proxy PATH] [USER@]SUBMIT[:PORT]
+       rvgahp print authorized-key --socket PATH [--proxy PATH] PUBKEY_FILE
+       rvgahp print server-config --blahpd PATH --ft-gahp PATH
+       rvgahp print crontab [--python PATH]
+
+Print one file (or block) as rvgahp setup writes it, for a setup by hand:
+  transport        the cluster's ~/.rvgahp/rvgahp_ssh
+  authorized-key   the submit host's authorized_keys block for the cluster's key
+  server-config    the lines for the cluster's ~/.rvgahp/condor_config.rvgahp
+  crontab          the crontab lines rvgahp setup adds on the cluster
+Each takes --help.
+"""
+
+
 def print_main(args):
     import argparse
 
-    if not args or args[0] not in PRINTABLE:
-        raise rvgahp.UsageError("usage: rvgahp print {%s} ...; each takes --help" % ",".join(PRINTABLE))
+    if args in (["--help"], ["-h"]):
+        sys.stdout.write(PRINT_USAGE)
+        return 0
+    if args == ["--version"]:
+        sys.stdout.write("rvgahp %s\n" % VERSION)
+        return 0
+    if not args:
+        sys.stderr.write(PRINT_USAGE)
+        return 2
+    if args[0] not in PRINTABLE:
+        raise rvgahp.UsageError("unknown file %s: expected one of %s (rvgahp print --help)" % (args[0], ", ".join(PRINTABLE)))
     what, args = args[0], args[1:]
     parser = argparse.ArgumentParser(prog="rvgahp print " + what)
+    parser.add_argument("--version", action="version", version="rvgahp %s" % VERSION)
     home = os.path.expanduser("~")
     if what in ("transport", "authorized-key"):
         parser.add_argument("--socket", required=True, metavar="PATH", help="the socket on the submit host")
@@ -1923,7 +1950,8 @@ def print_main(args):
 def main(args):
     """rvgahp's admin commands: args[0] is one of COMMANDS. Returns the exit status."""
     if not args or args[0] not in COMMANDS:
-        sys.stderr.write("rvgahp: expected one of %s\n" % ", ".join(COMMANDS))
+        what = "unknown command %s; " % args[0] if args else ""
+        sys.stderr.write("rvgahp: %sexpected one of %s\n" % (what, ", ".join(COMMANDS)))
         return 2
     command, rest = args[0], args[1:]
     try:
