@@ -19,7 +19,7 @@ RVGAHP = os.path.join(harness.REPO, "rvgahp.py")
 
 
 def run(*argv):
-    return subprocess.run([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.parametrize("command", [["setup"], ["doctor"], ["print"], ["print", "crontab"], ["print", "transport"]])
@@ -107,5 +107,5 @@ def test_the_pyz_floor_is_still_3_6():
     python = pyenv_python(6)
     if not python:
         pytest.skip("no Python 3.6 here")
-    result = subprocess.run([python, ADMIN, "setup", "--version"], stdout=subprocess.PIPE, universal_newlines=True, timeout=60)
+    result = subprocess.run([python, ADMIN, "setup", "--version"], stdout=subprocess.PIPE, text=True, timeout=60)
     assert result.stdout == "rvgahp %s\n" % rvgahp.VERSION
