@@ -660,3 +660,20 @@ if __name__ == "__main__":
     print(s.finish())
     rig.cleanup()
     d.stop()
+
+
+# x86_64 numbers of the calls time.sleep() makes: select (3.6-3.10), nanosleep, clock_nanosleep.
+RETRY_SLEEPS = {"23", "35", "230"}
+
+
+def sleeping_between_retries(pid):
+    """The client sleeps before another connect(). Nothing before its first connect()
+    sleeps (interpreter start, argv, the handoff), so it has tried once and will again.
+    Elsewhere than x86_64, a sleeping process state is the nearest sign."""
+    if os.uname().machine != "x86_64":
+        return process_state(pid) == "S"
+    try:
+        with open("/proc/%d/syscall" % pid) as f:
+            return f.read().split()[0] in RETRY_SLEEPS
+    except (OSError, IndexError):
+        return False

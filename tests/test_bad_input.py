@@ -8,7 +8,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 
 import harness
 import pytest
@@ -298,7 +297,8 @@ def test_the_client_waits_for_a_server_that_is_on_its_way(make_rig):
     """A client that arrives while the link is still coming up is served, not failed."""
     rig = make_rig()
     client = rig.session("blahpd", argv=rig.flavor.argv("client", "--rvgahp-wait", "30", rig.sock, "blahpd"))
-    time.sleep(0.5)
+    # It has found no socket and waits to try again: only then does the server start.
+    harness.wait_for(lambda: harness.sleeping_between_retries(client.proc.pid), 30, what="the client to wait for a server")
     rig.start_server(wait=False)
     assert client.banner(timeout=30).startswith("$GahpVersion")
     assert client.finish() == (0, "")

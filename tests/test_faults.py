@@ -128,7 +128,9 @@ def test_kill_9_anywhere_in_the_chain_mid_session(make_rig, round_no):
     rig.start_server()
     chatters = [Chatter(rig) for _ in range(3)]
     victim = chatters[rng.randrange(3)]
-    time.sleep(rng.uniform(0.05, 0.5))
+    # The moment, drawn from the seed: after so many round trips in every session.
+    moment = rng.randrange(1, 40)
+    harness.wait_for(lambda: all(c.replies >= moment or c.broke for c in chatters), 60, what="%d round trips in each session" % moment)
     kill_target(rig, target, victim)
     print("seed %d round %d: killed the %s" % (SEED, round_no, target))
 

@@ -676,19 +676,7 @@ def test_a_hostile_gahp_name_gets_one_plain_line_and_no_traceback(module_rig, na
 # --------------------------------------------------------------------------- 9. a full accept backlog
 
 
-# x86_64 numbers of the calls time.sleep() makes: select (3.6-3.10), nanosleep, clock_nanosleep.
-RETRY_SLEEPS = {"23", "35", "230"}
-
-
-def sleeping_between_retries(pid):
-    """The client sleeps before another connect(). Nothing before its first connect()
-    sleeps (interpreter start, argv, the handoff), so it has met the full backlog; its
-    socket is closed while it sleeps, so this is the one state that shows it."""
-    try:
-        with open("/proc/%d/syscall" % pid) as f:
-            return f.read().split()[0] in RETRY_SLEEPS
-    except (OSError, IndexError):
-        return False
+sleeping_between_retries = harness.sleeping_between_retries
 
 
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="reads x86_64 syscall numbers from /proc")
