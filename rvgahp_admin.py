@@ -639,6 +639,36 @@ def server_state():
     return None, path
 
 
+def servers_elsewhere(dot):
+    """[(host tag, pid, pid file)] of the servers another login node sharing this HOME
+    runs (a standby): their pid file is locked, and they use the files --remove deletes.
+    Setup cannot signal a process on another host."""
+    import fcntl
+
+    found = []
+    mine = os.path.basename(Layout().pid_file)
+    try:
+        names = sorted(os.listdir(dot))
+    except OSError:
+        return found
+    for name in names:
+        if not (name.startswith("rvgahp_server.") and name.endswith(".pid")) or name == mine:
+            continue
+        path = os.path.join(dot, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            text = os.read(fd, 64).decode("ascii", "replace").strip()
+            found.append((name[len("rvgahp_server.") : -len(".pid")], text if text.isdigit() else "?", path))
+        finally:
+            os.close(fd)
+    return found
+
+
 def stop_server():
     """SIGTERM this host's server and wait for its lock to go; the pid, or None if none ran."""
     pid, _ = server_state()
@@ -698,6 +728,15 @@ def cluster_apply(plan):
         out["said"] = start_server(plan.get("python"))
         out["pid"], _ = server_state()
     elif plan["action"] == "remove":
+        others = servers_elsewhere(dot)
+        if others:
+            raise StepFailed(
+                "rvgahp_server also runs on %s, using the files --remove deletes; stop it there first (%s), then run --remove again"
+                % (
+                    ", ".join("%s (pid %s, %s)" % (tag, pid, home_path(path, home)) for tag, pid, path in others),
+                    "; ".join("on %s: kill %s" % (tag, pid) for tag, pid, _ in others),
+                )
+            )
         if not a.dry_run:
             out["stopped"] = stop_server()
         a.crontab(None, remove=True)

@@ -883,3 +883,58 @@ def test_a_new_socket_for_the_same_cluster_replaces_the_older_block_for_its_key(
     world.setup("--remove", "--socket", moved, cluster=CLA)
     world.setup("--remove", cluster=CLA)
     assert differences(before, world.state()) == {}
+
+
+# --------------------------------------------------------------------------- a hot standby sharing $HOME
+
+
+def locked(path):
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def test_remove_never_orphans_a_standbys_server(world):
+    """A second login node (its own UTS namespace, named rvadlogin2) shares the cluster
+    account's $HOME and runs its own server: --remove names it and changes nothing."""
+    before = world.state()
+    world.setup()
+    standby_pid_file = world.home(CLA, ".rvgahp", "rvgahp_server.rvadlogin2.pid")
+    server = [PYTHON, world.home(CLA, "bin", "rvgahp_server"), "-d"]
+    started = subprocess.run(
+        ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', "rvadlogin2", *world.user_argv(CLA, *server)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert started.returncode == 0, started.stderr
+    harness.wait_for(lambda: locked(standby_pid_file), 30, what="the standby's server")
+    with open(standby_pid_file) as f:
+        standby = int(f.read().strip())
+    try:
+        set_up = world.state(runtime=False)
+        result, calls = world.setup("--remove", expect=1)
+        assert calls == 1
+        line = result.stderr.strip().splitlines()
+        assert len(line) == 1, result.stderr
+        assert "rvgahp_server also runs on rvadlogin2 (pid %d, ~/.rvgahp/rvgahp_server.rvadlogin2.pid)" % standby in line[0]
+        assert "on rvadlogin2: kill %d" % standby in line[0]
+        assert world.state(runtime=False) == set_up, "nothing removed while the standby runs"
+        assert locked(standby_pid_file) and world.server_pid() is not None
+        works(world)
+    finally:
+        os.kill(standby, signal.SIGTERM)
+        harness.wait_for(lambda: not locked(standby_pid_file), 30, what="the standby's server to stop")
+    result, _ = world.setup("--remove")
+    assert "stopped rvgahp_server" in result.stdout
+    assert differences(before, world.state()) == {}
