@@ -4,7 +4,7 @@
     python3 bench/bench.py [--quick] [--only SECTION,...] [--python PATH] [--old-python PATH]
                            [--json FILE] [--logs DIR]
 
-One run starts its own sshd on 127.0.0.1 (tests/harness.py) and measures, section by
+One run starts its own sshd on 127.0.0.1 (tests/loopback.py) and measures, section by
 section, against that one sshd and one GAHP:
 
     start       session start back to back: direct (the GAHP spawned locally), plain ssh
@@ -57,8 +57,8 @@ from benchlib import (
     cpu_seconds,
     end_leftovers,
     exe_of,
-    harness,
     load_average,
+    loopback,
     python_version,
     real_python,
     rvgahp_source,
@@ -87,7 +87,7 @@ LIVE = []  # every session not yet closed, so cleanup can end them whatever happ
 def open_session(mode):
     """(session, spawn time) for one new session of mode."""
     t0 = time.monotonic()
-    session = harness.GahpSession(mode.argv(), env=mode.env)
+    session = loopback.GahpSession(mode.argv(), env=mode.env)
     LIVE.append(session)
     return session, t0
 
@@ -187,7 +187,7 @@ class PlainSsh(Mode):
         return {"ssh": [session.proc.pid], "sshd": ancestors(gahp, self.sshd.proc.pid)}
 
 
-class BenchRig(harness.Rig):
+class BenchRig(loopback.Rig):
     """A rig with rvgahp's default pings, and optionally ssh options for its transport and a
     directory put first on every role's PATH (where `python3` is the interpreter to test)."""
 
@@ -284,10 +284,10 @@ class Floor(Mode):
         return [self.python, FLOOR, "client", sock]
 
     def relay_pids(self, session, gahp):
-        server = harness.parent_of(gahp)
+        server = loopback.parent_of(gahp)
         sock = session.proc.args[-1]
-        proxy = [pid for pid in harness.pids_running(" proxy " + sock) if harness.cmdline(pid)[1:2] == [FLOOR]]
-        ssh = [pid for pid in harness.children_of(server) if pid != gahp]
+        proxy = [pid for pid in loopback.pids_running(" proxy " + sock) if loopback.cmdline(pid)[1:2] == [FLOOR]]
+        ssh = [pid for pid in loopback.children_of(server) if pid != gahp]
         return {"proxy": proxy, "server": [server], "ssh": ssh, "sshd": ancestors(proxy[0], self.sshd.proc.pid) if proxy else []}
 
     def stop(self):
@@ -687,14 +687,14 @@ class Setup:
     def __init__(self, cleanup, args):
         self.cleanup = cleanup
         self.args = args
-        self.work = harness.short_tempdir("bench")
+        self.work = loopback.short_tempdir("bench")
         cleanup.callback(shutil.rmtree, self.work, ignore_errors=True)
         self.ours = [self.work]  # temp paths that only our processes name
         cleanup.callback(lambda: end_leftovers(self.ours))
         self.gahp = write_gahp(self.work)
         self.rvgahp = snapshot(args.rvgahp, os.path.join(self.work, "snapshot"))
         log("starting sshd")
-        self.sshd = harness.Sshd(os.path.join(self.work, "sshd"))
+        self.sshd = loopback.Sshd(os.path.join(self.work, "sshd"))
         os.makedirs(self.sshd.dir)
         cleanup.callback(self.sshd.stop)
         self.sshd.start()
@@ -713,12 +713,12 @@ class Setup:
         key = (kind, which if kind == "py" else None)
         if key not in self.flavors:
             if kind == "py":
-                flavor = harness.Flavor("rvgahp.py", self.pythons[which], self.rvgahp)
+                flavor = loopback.Flavor("rvgahp.py", self.pythons[which], self.rvgahp)
             else:
                 if self.pyz is None:
                     log("building rvgahp.pyz")
                     self.pyz = build_pyz(self.rvgahp, self.work)
-                flavor = harness.Flavor("rvgahp.pyz", None, self.pyz)
+                flavor = loopback.Flavor("rvgahp.pyz", None, self.pyz)
             self.cleanup.callback(shutil.rmtree, flavor.bin, ignore_errors=True)
             self.ours.append(flavor.bin)
             self.flavors[key] = flavor
@@ -1041,7 +1041,7 @@ def targets(results):
 
 
 def parse_args(argv):
-    found = harness.find_interpreters()
+    found = loopback.find_interpreters()
     newest = found[max(found, key=lambda v: int(v.split(".")[1]))] if found else "python3"
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer sessions and smaller transfers (about 2 minutes for all)")
@@ -1052,7 +1052,7 @@ def parse_args(argv):
     )
     parser.add_argument("--sessions", type=int, help="round-trip sessions per mode (default 7, --quick 5)")
     parser.add_argument("--tunnel-mb", type=int, help="MB per tunnel stream each way (default 256, --quick 64)")
-    parser.add_argument("--rvgahp", default=harness.RVGAHP, help="the rvgahp.py to measure (default: the working tree's)")
+    parser.add_argument("--rvgahp", default=loopback.RVGAHP, help="the rvgahp.py to measure (default: the working tree's)")
     parser.add_argument("--json", metavar="FILE", help="also save the figures here")
     parser.add_argument("--logs", metavar="DIR", help="copy the server, proxy and sshd logs here before cleaning up")
     args = parser.parse_args(argv)

@@ -25,8 +25,8 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
-import harness  # noqa: E402
+sys.path.insert(0, REPO)
+from testbed import loopback  # noqa: E402  (the real parts the tests use too)
 
 MB = 1000 * 1000
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -139,7 +139,7 @@ def cpu_flags():
     return set()
 
 
-def rvgahp_source(path=harness.RVGAHP):
+def rvgahp_source(path=loopback.RVGAHP):
     """Which rvgahp.py was measured: it changes often, so name it by hash, and say whether it is
     HEAD's, the working tree's (with uncommitted changes) or another file."""
 
@@ -158,7 +158,7 @@ def rvgahp_source(path=harness.RVGAHP):
     commit = (git("rev-parse", "--short", "HEAD") or b"?").decode().strip()
     head = git("show", "HEAD:rvgahp.py")
     try:
-        with open(harness.RVGAHP, "rb") as f:
+        with open(loopback.RVGAHP, "rb") as f:
             tree = digest(f.read())
     except OSError:
         tree = None
@@ -171,8 +171,8 @@ def rvgahp_source(path=harness.RVGAHP):
     return "sha256 %s... (%s)" % (measured, where)
 
 
-# One copy of it, in the harness: a file's text, or "" while it does not exist yet.
-read_text = harness.read_text
+# One copy of it, in the loopback: a file's text, or "" while it does not exist yet.
+read_text = loopback.read_text
 
 
 def busy_processes(count=6, exclude=()):
@@ -194,7 +194,7 @@ def busy_processes(count=6, exclude=()):
     used = sorted(((after[p] - before.get(p, 0), p) for p in after), reverse=True)[:count]
     out = []
     for spent, pid in used:
-        words = harness.cmdline(pid)
+        words = loopback.cmdline(pid)
         if spent <= 0 or not words:
             continue
         name = " ".join(" ".join(os.path.basename(w) if i == 0 else w for i, w in enumerate(words[:3])).split())[:60]
@@ -219,10 +219,10 @@ def cpu_seconds(pids):
 def ancestors(pid, stop):
     """pid's ancestors, nearest first, up to but not including stop (or init)."""
     chain = []
-    parent = harness.parent_of(pid)
+    parent = loopback.parent_of(pid)
     while parent and parent not in (stop, 1) and len(chain) < 20:
         chain.append(parent)
-        parent = harness.parent_of(parent)
+        parent = loopback.parent_of(parent)
     return chain
 
 
@@ -284,8 +284,8 @@ class Strace:
 
 def leftovers(markers, but=()):
     """Live (not zombie) processes whose command line names one of our temp paths: ours by construction."""
-    found = {pid for marker in markers for pid in harness.pids_running(marker)}
-    return sorted(p for p in found if p not in but and harness.process_state(p) not in (None, "Z"))
+    found = {pid for marker in markers for pid in loopback.pids_running(marker)}
+    return sorted(p for p in found if p not in but and loopback.process_state(p) not in (None, "Z"))
 
 
 def end_leftovers(markers, grace=5.0, but=(), sig=signal.SIGTERM):
@@ -296,7 +296,7 @@ def end_leftovers(markers, grace=5.0, but=(), sig=signal.SIGTERM):
         if not strays or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    ended = [(pid, " ".join(harness.cmdline(pid))[:200]) for pid in strays]
+    ended = [(pid, " ".join(loopback.cmdline(pid))[:200]) for pid in strays]
     for pid in strays:
         with contextlib.suppress(OSError):
             os.kill(pid, sig)

@@ -3,14 +3,14 @@
 
     python3 bench/faults.py [--quick] [--python PATH] [--json FILE] [--trials N] [--sessions N]
 
-One run starts its own sshd on 127.0.0.1 (tests/harness.py), runs rvgahp's roles under
+One run starts its own sshd on 127.0.0.1 (tests/loopback.py), runs rvgahp's roles under
 --python (default: this script's interpreter), and measures:
 
 1. Link kill -> first working session. A fresh rig per trial (so the server's back-off
    is fresh), kill -9 of the transport ssh, of the sshd session process, or of the proxy,
    then the time until a new session reads its banner. "Working" is detected two ways:
    by a real rvgahp_client (--rvgahp-wait 10; its interpreter start-up is included) and
-   by harness.quick_session retried every 20 ms (no client process: the link alone).
+   by loopback.quick_session retried every 20 ms (no client process: the link alone).
    Then a second kill of the same kind in the same rig right after the first recovery,
    when the back-off applies. A healthy link's session start is the baseline.
 2. Dead-link detection. SIGSTOP of the transport ssh with one live session open; the time
@@ -43,8 +43,8 @@ from benchlib import (
     Progress,
     end_leftovers,
     exe_of,
-    harness,
     load_average,
+    loopback,
     python_version,
     read_text,
     rvgahp_source,
@@ -97,7 +97,7 @@ def log_events(text, role=None, pid=None):
 
 class Watchdog:
     """Raise TimeoutError in the main thread if the body takes longer than `seconds`
-    (harness.quick_session reads the banner without a timeout of its own)."""
+    (loopback.quick_session reads the banner without a timeout of its own)."""
 
     def __init__(self, seconds):
         self.seconds = seconds
@@ -117,9 +117,9 @@ class Watchdog:
 
 
 def quick(sock, timeout=5.0):
-    """One harness.quick_session, bounded in time; its CLOSE fields."""
+    """One loopback.quick_session, bounded in time; its CLOSE fields."""
     with Watchdog(timeout + 5.0):
-        return harness.quick_session(sock, timeout=timeout)
+        return loopback.quick_session(sock, timeout=timeout)
 
 
 def short_command(command):
@@ -155,12 +155,12 @@ class Context:
         self.gahp = None
 
     def set_up(self):
-        self.sshd = harness.Sshd()
+        self.sshd = loopback.Sshd()
         self.dirs.append(self.sshd.dir)
         self.sshd.start()
-        self.flavor = harness.Flavor("faults", self.args.python, self.snapshot())
+        self.flavor = loopback.Flavor("faults", self.args.python, self.snapshot())
         self.dirs.append(self.flavor.bin)
-        gahp_dir = harness.short_tempdir("gahp")
+        gahp_dir = loopback.short_tempdir("gahp")
         self.dirs.append(gahp_dir)
         self.gahp = os.path.join(gahp_dir, "gahp")
         with open(self.gahp, "w") as f:
@@ -173,10 +173,10 @@ class Context:
         finds it already imported."""
         import importlib.util
 
-        snap_dir = harness.short_tempdir("rvsnap")
+        snap_dir = loopback.short_tempdir("rvsnap")
         self.dirs.append(snap_dir)
         path = os.path.join(snap_dir, "rvgahp.py")
-        shutil.copy2(harness.RVGAHP, path)
+        shutil.copy2(loopback.RVGAHP, path)
         self.rvgahp_source = rvgahp_source(path)
         spec = importlib.util.spec_from_file_location("rvgahp", path)
         module = importlib.util.module_from_spec(spec)
@@ -187,7 +187,7 @@ class Context:
 
     def rig(self, **kw):
         kw.setdefault("gahp", self.gahp)
-        rig = harness.Rig(self.sshd, self.flavor, **kw)
+        rig = loopback.Rig(self.sshd, self.flavor, **kw)
         self.rigs.append(rig)
         self.dirs.append(rig.dir)
         return rig
@@ -266,7 +266,7 @@ def working_by_client(ctx, rig, t0):
 
 
 def working_by_quick(ctx, rig, t0):
-    """Seconds from t0 until harness.quick_session succeeds, retried every 20 ms."""
+    """Seconds from t0 until loopback.quick_session succeeds, retried every 20 ms."""
     errors = {}
     attempts = 0
     while True:
@@ -294,7 +294,7 @@ def kill_once(ctx, rig, target, method):
     pid = target_pid(rig, target)
     if not pid:
         raise RuntimeError("no %s process found" % target)
-    victim = " ".join(harness.cmdline(pid))[:120]
+    victim = " ".join(loopback.cmdline(pid))[:120]
     ups = rig.links_up()
     wall0 = time.time()
     t0 = time.monotonic()
@@ -426,11 +426,11 @@ def hang_trial(ctx, interval, timeout):
         except AssertionError:
             result["link_back_s"] = None
         try:
-            harness.wait_for(lambda: harness.process_state(ssh) in (None, "Z"), 10, what="the stopped ssh to end")
+            loopback.wait_for(lambda: loopback.process_state(ssh) in (None, "Z"), 10, what="the stopped ssh to end")
             result["stopped_ssh_ended"] = True
         except AssertionError:
             result["stopped_ssh_ended"] = False
-        if ssh in ctx.stopped and harness.process_state(ssh) is None:
+        if ssh in ctx.stopped and loopback.process_state(ssh) is None:
             ctx.stopped.remove(ssh)
     finally:
         if s is not None:
@@ -532,10 +532,10 @@ def soak(ctx, count, time_limit):
 
         def sample():
             return {
-                "server_fds": harness.open_fd_count(server),
-                "server_rss_kb": harness.rss_kb(server),
-                "proxy_fds": harness.open_fd_count(proxy),
-                "proxy_rss_kb": harness.rss_kb(proxy),
+                "server_fds": loopback.open_fd_count(server),
+                "server_rss_kb": loopback.rss_kb(server),
+                "proxy_fds": loopback.open_fd_count(proxy),
+                "proxy_rss_kb": loopback.rss_kb(proxy),
             }
 
         before = sample()
@@ -579,7 +579,7 @@ def soak(ctx, count, time_limit):
         time.sleep(0.5)
         after = sample()
         try:
-            harness.wait_for(lambda: not rig.zombies(), 5, what="no zombies")
+            loopback.wait_for(lambda: not rig.zombies(), 5, what="no zombies")
         except AssertionError:
             pass
         return {
@@ -741,7 +741,7 @@ def report(results):
     if "soak" in results:
         s = results["soak"]
         out.append("")
-        out.append("4. soak: %d sequential sessions (harness.quick_session) after 100 to warm up" % s["sessions"])
+        out.append("4. soak: %d sequential sessions (loopback.quick_session) after 100 to warm up" % s["sessions"])
         b, a = s["before"], s["after"]
         rows = [
             [

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 
-from benchlib import MB, Strace, ancestors, cpu_seconds, harness, summary
+from benchlib import MB, Strace, ancestors, cpu_seconds, loopback, summary
 
 FLOOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "floor_relay.py")
 
@@ -159,7 +159,7 @@ class RvgahpForward:
         self.key, self.name = key or self.key, name or self.name
         inherit = "4242 <127.0.0.1:%d?addrs=127.0.0.1-%d&sock=bench> 0" % (endpoint_port, endpoint_port)
         env = dict(os.environ, CONDOR_INHERIT=inherit)
-        self.session = harness.GahpSession(rig.client_argv("condor_ft-gahp"), env=env)
+        self.session = loopback.GahpSession(rig.client_argv("condor_ft-gahp"), env=env)
         banner = self.session.banner(timeout=30)
         if not banner.startswith("$GahpVersion"):
             raise RuntimeError("not a banner: %r" % banner[:80])
@@ -196,11 +196,11 @@ class FloorForward:
         self.target = target
 
     def relay_pids(self):
-        proxy = [pid for pid in harness.pids_running("tunnel-proxy " + self.target) if harness.cmdline(pid)[1:2] == [FLOOR]]
+        proxy = [pid for pid in loopback.pids_running("tunnel-proxy " + self.target) if loopback.cmdline(pid)[1:2] == [FLOOR]]
         return {
             "proxy": proxy,
             "server": [self.proc.pid],
-            "ssh": harness.children_of(self.proc.pid),
+            "ssh": loopback.children_of(self.proc.pid),
             "sshd": ancestors(proxy[0], self.sshd.proc.pid) if proxy else [],
         }
 
