@@ -4529,14 +4529,15 @@ def ensure_std_fds():
 
 
 USAGE = """\
-usage: rvgahp.pyz server [-d] [-l LOGFILE] [-b BASEDIR]    (on the cluster login node)
-       rvgahp.pyz proxy SOCKPATH                            (run by the server's ssh)
-       rvgahp.pyz client SOCKPATH GAHP_NAME                 (HTCondor's REMOTE_GAHP)
-       rvgahp.pyz setup USER@CLUSTER                        (on the submit host, once)
-       rvgahp.pyz doctor                                    (on either host)
+usage: {0} server [-d] [-l LOGFILE] [-b BASEDIR]    (on the cluster login node)
+       {0} proxy SOCKPATH                            (run by the server's ssh)
+       {0} client SOCKPATH GAHP_NAME                 (HTCondor's REMOTE_GAHP)
+       {0} setup USER@CLUSTER                        (on the submit host, once)
+       {0} doctor                                    (on either host)
+       {0} print {{transport,authorized-key,server-config,crontab}}   (for a setup by hand)
 
 Symlinked as rvgahp_server, rvgahp_proxy or rvgahp_client, the name picks the role.
-Each role takes --help.
+Each command takes --help and --version.
 """
 
 
@@ -4562,9 +4563,15 @@ def main(argv=None):
         elif args == ["--version"]:
             sys.stdout.write("rvgahp %s\n" % VERSION)
             return 0
+        elif args in (["--help"], ["-h"]):
+            sys.stdout.write(USAGE.format(os.path.basename(argv[0]) if argv else "rvgahp"))
+            return 0
         else:
-            (sys.stdout if args in (["--help"], ["-h"]) else sys.stderr).write(USAGE)
-            return 0 if args in (["--help"], ["-h"]) else 2
+            name = os.path.basename(argv[0]) if argv else "rvgahp"
+            what = "unknown command %s" % ascii(args[0])[1:-1] if args else "no command"
+            commands = ", ".join(ROLES + ADMIN_COMMANDS)
+            sys.stderr.write("%s: %s; expected one of %s (%s --help says more)\n" % (name, what, commands, name))
+            return 2
     run = {"server": server_main, "proxy": proxy_main, "client": client_main}[role]
     return run_reporting("rvgahp_" + role, run, args)
 
@@ -4604,6 +4611,9 @@ def run_admin(args):
     if args[0] not in rvgahp_admin.COMMANDS:
         say_error("rvgahp", UsageError("unknown command %s" % args[0]))
         return 2
+    if args[1:] == ["--version"]:
+        sys.stdout.write("rvgahp %s %s\n" % (args[0], VERSION))
+        return 0
     return run_reporting("rvgahp " + args[0], rvgahp_admin.main, args)
 
 

@@ -706,3 +706,22 @@ def test_connections_waiting_on_a_busy_gridmanager_cost_the_proxy_no_memory(make
             c.close()
         busy.close()
     assert s.finish()[0] == 0
+
+
+# --------------------------------------------------------------------------- 12. small things a new user trips on
+
+
+def test_the_top_level_command_names_an_unknown_command_and_itself(tmp_path):
+    link = tmp_path / "rvgahp"
+    link.symlink_to(os.path.join(harness.REPO, "rvgahp.py"))
+    run = lambda *args: subprocess.run([sys.executable, str(link), *args], capture_output=True, text=True, timeout=30)  # noqa: E731
+    bogus = run("bogus")
+    assert bogus.returncode == 2 and bogus.stdout == ""
+    assert bogus.stderr == (
+        "rvgahp: unknown command bogus; expected one of server, proxy, client, setup, doctor, print (rvgahp --help says more)\n"
+    )
+    usage = run("--help").stdout
+    assert usage.startswith("usage: rvgahp server ") and "rvgahp print {transport," in usage
+    for command in ("setup", "doctor", "print"):
+        version = run(command, "--version")
+        assert (version.returncode, version.stdout) == (0, "rvgahp %s %s\n" % (command, rvgahp.VERSION)), version
