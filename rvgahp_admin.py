@@ -560,6 +560,30 @@ class Applier:
         if dot in mine and dot not in still_used:
             self._remove_path(dot)
 
+    def remove_with_pyz(self, pyz, copies):
+        """Once pyz is gone, the copies shiv unpacked from it (shiv_copies) go too."""
+        removed = ("would remove" if self.dry_run else "removed", home_path(pyz, self.home)) in self.report
+        if not copies or not (removed or not os.path.lexists(pyz)):
+            return
+        import shutil
+
+        for path in copies:
+            if os.path.isdir(path) and not os.path.islink(path):
+                if not self.dry_run:
+                    shutil.rmtree(path, ignore_errors=True)
+                self.note("removed", path + "/", True)
+            elif os.path.lexists(path):
+                if not self.dry_run:
+                    os.unlink(path)
+                self.note("removed", path, True)
+        root = os.path.dirname(copies[0])
+        try:
+            if not self.dry_run and not os.listdir(root):
+                os.rmdir(root)
+                self.note("removed", root + "/", True)
+        except OSError:
+            pass
+
     def _remove_path(self, path):
         if os.path.isdir(path) and not os.path.islink(path):
             try:
@@ -576,6 +600,29 @@ class Applier:
             if not self.dry_run:
                 os.unlink(path)
             self.note("removed", path, True)
+
+
+def shiv_copies(pyz):
+    """What shiv unpacked from this rvgahp.pyz ($SHIV_ROOT or ~/.shiv, NAME_BUILDID and its
+    lock), as zipapp_main.py finds it; [] for a plain zipapp or no file."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(pyz) as z:
+            build_id = json.loads(z.read("environment.json").decode("utf-8")).get("build_id")
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return []
+    if not build_id:
+        return []
+    root = os.environ.get("SHIV_ROOT") or os.path.expanduser("~/.shiv")
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return []
+    # NAME_BUILDID, .NAME_BUILDID_lock and NAME_BUILDID.tmp, under every name this build ran
+    # as (setup runs the cluster's staged copy, .rvgahp.pyz.rvgahp-new, before renaming it)
+    mark = "_" + build_id
+    return [os.path.join(root, n) for n in names if n.endswith((mark, mark + "_lock", mark + ".tmp"))]
 
 
 def run(argv, stdin=None, env=None, timeout=60):
@@ -747,7 +794,10 @@ def cluster_apply(plan):
             if not a.dry_run:
                 os.unlink(path)
             a.note("removed", path, True)
+        pyz = os.path.join(bindir, "rvgahp.pyz")
+        copies = shiv_copies(pyz)
         a.remove_created()
+        a.remove_with_pyz(pyz, copies)
     out["report"] = a.report
     out["changed"] = a.changed
     return out
@@ -1442,7 +1492,10 @@ class Setup:
                     os.unlink(self.sock + suffix)
                 a.note("removed", self.sock + suffix, True)
         a.remove_temporaries([os.path.join(self.home, d) for d in (".rvgahp", "bin", ".ssh")])
+        pyz = os.path.join(self.bin, "rvgahp.pyz")
+        copies = shiv_copies(pyz)
         a.remove_created()
+        a.remove_with_pyz(pyz, copies)
         self.detail(a.report)
         self.changed += a.changed
         self.say("Removed %d item%s." % (self.changed, "" if self.changed == 1 else "s") if self.changed else "Nothing to remove.")

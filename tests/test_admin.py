@@ -256,11 +256,18 @@ class World:
         env = ["%s=%s" % kv for kv in sorted(self.env(user).items())]
         return ["setpriv", "--reuid=%d" % pw.pw_uid, "--regid=%d" % pw.pw_gid, "--init-groups", "env", "-i", *env, *argv]
 
-    def setup(self, *args, cluster=CLA, kill_at=None, expect=0, host=None):
-        """`rvgahp setup` as the submit user, with no terminal; (result, askpass calls)."""
+    def setup(self, *args, cluster=CLA, kill_at=None, expect=0, host=None, program=None):
+        """`rvgahp setup` as the submit user, with no terminal; (result, askpass calls).
+        program: run this rvgahp.pyz rather than rvgahp_admin.py from the sources."""
         self.runs += 1
         log = os.path.join(self.askpass_dir, "calls.%d" % self.runs)
-        argv = [PYTHON, ADMIN, "setup", "-p", str(self.port), "--submit-host", "%s@127.0.0.1:%d" % (SUB, self.port)]
+        argv = ([program] if program else [PYTHON, ADMIN]) + [
+            "setup",
+            "-p",
+            str(self.port),
+            "--submit-host",
+            "%s@127.0.0.1:%d" % (SUB, self.port),
+        ]
         argv += ["--blahpd", harness.TESTGAHP, "--ft-gahp", harness.TESTGAHP] if "--no-gahps" not in args else []
         argv += [a for a in args if a != "--no-gahps"]
         argv.append("%s@%s" % (cluster, host or self.host_of(cluster)))
@@ -937,4 +944,20 @@ def test_remove_never_orphans_a_standbys_server(world):
         harness.wait_for(lambda: not locked(standby_pid_file), 30, what="the standby's server to stop")
     result, _ = world.setup("--remove")
     assert "stopped rvgahp_server" in result.stdout
+    assert differences(before, world.state()) == {}
+
+
+def test_remove_takes_the_shiv_copies_of_the_pyz_it_removes_on_both_hosts(world, pyz):
+    """Setup run from the shiv-built rvgahp.pyz: each host's ~/.shiv gets its unpacked copy;
+    --remove takes them with ~/bin/rvgahp.pyz and leaves nothing behind."""
+    program = os.path.join(world.dir, "rvgahp.pyz")
+    shutil.copy(pyz, program)
+    os.chmod(program, 0o755)
+    before = world.state()
+    world.setup(program=program)
+    works(world)
+    for user in (SUB, CLA):
+        assert [n for n in os.listdir(world.home(user, ".shiv")) if n.startswith("rvgahp.pyz_")], user
+    result, _ = world.setup("--remove", program=program)
+    assert re.search(r"removed +~/\.shiv/rvgahp\.pyz_\S+/", result.stdout), result.stdout
     assert differences(before, world.state()) == {}
