@@ -286,6 +286,22 @@ def condor_config_text(client):
     return "REMOTE_GAHP = %s\n" % client
 
 
+def other_remote_gahps(text):
+    """[(line number, line)] of each REMOTE_GAHP definition outside setup's blocks."""
+    import re
+
+    found = []
+    inside = False
+    for number, line in enumerate((text or "").splitlines(), 1):
+        if line.startswith(BEGIN):
+            inside = True
+        elif line.startswith(END):
+            inside = False
+        elif not inside and re.match(r"\s*REMOTE_GAHP\s*=", line, re.I):
+            found.append((number, line.strip()))
+    return found
+
+
 # --------------------------------------------------------------------------- applying a plan
 
 
@@ -1288,7 +1304,13 @@ class Setup:
         self.drop_older_blocks(a, keys)
         a.block(keys, authorized_key_text(self.pubkey, self.sock, self.proxy, self.owner()))
         if self.opts.condor_config:
-            a.block(os.path.abspath(os.path.expanduser(self.opts.condor_config)), condor_config_text(self.client), default_mode=0o644)
+            config = os.path.abspath(os.path.expanduser(self.opts.condor_config))
+            for number, line in other_remote_gahps(read_text(config)):
+                self.say(
+                    "      warning: %s:%d already sets %s; the last definition in the file wins (setup's, at its end): "
+                    "delete the other line, or drop --condor-config" % (config, number, line)
+                )
+            a.block(config, condor_config_text(self.client), default_mode=0o644)
         self.detail(a.report)
         self.changed += a.changed
 

@@ -961,3 +961,25 @@ def test_remove_takes_the_shiv_copies_of_the_pyz_it_removes_on_both_hosts(world,
     result, _ = world.setup("--remove", program=program)
     assert re.search(r"removed +~/\.shiv/rvgahp\.pyz_\S+/", result.stdout), result.stdout
     assert differences(before, world.state()) == {}
+
+
+def test_condor_config_with_a_hand_written_remote_gahp_is_warned_about_by_file_and_line(world):
+    user_config = world.home(SUB, "user_config")
+    mine = "# my own\nSCHEDD_DEBUG = D_FULLDEBUG\n  remote_gahp = /opt/old/remote_gahp\n"
+    with open(user_config, "w") as f:
+        f.write(mine)
+    os.chown(user_config, pwd.getpwnam(SUB).pw_uid, pwd.getpwnam(SUB).pw_gid)
+    before = world.state()
+    result, _ = world.setup("--condor-config", user_config)
+    warned = [line for line in result.stdout.splitlines() if "warning:" in line]
+    assert len(warned) == 1, result.stdout
+    assert "%s:3 already sets remote_gahp = /opt/old/remote_gahp" % user_config in warned[0]
+    with open(user_config) as f:
+        written = f.read()
+    assert written.startswith(mine) and "\nREMOTE_GAHP = %s\n" % world.home(SUB, "bin", "rvgahp_client") in written
+    result, _ = world.setup("--condor-config", user_config)  # the second run warns again: the line is still there
+    assert sum("warning:" in line for line in result.stdout.splitlines()) == 1
+    world.setup("--remove", "--condor-config", user_config)
+    assert differences(before, world.state()) == {}
+    with open(user_config) as f:
+        assert f.read() == mine
