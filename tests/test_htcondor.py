@@ -101,3 +101,106 @@ def test_twenty_jobs_at_once(rig):
     jobs = rig.submit_jobs(20, in_size=100_000, out_size=100_000)
     ids = finished(rig, jobs, before)
     assert len(set(ids.values())) == 20
+
+
+# --------------------------------------------------------------------------- the GridManager's controls and faults
+
+
+def processes(host, needle):
+    """Pids of the processes inside host (their root is its overlay) whose command line holds needle."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            root = os.readlink("/proc/%s/root" % name)
+            with open("/proc/%s/cmdline" % name, "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if root == host.root and any(needle.encode() in a for a in argv):
+            found.append(int(name))
+    return found
+
+
+def kill_one(host, needle):
+    pids = processes(host, needle)
+    assert pids, "no %s is running on %s" % (needle, host.name)
+    for pid in pids:
+        os.kill(pid, 9)
+    return pids
+
+
+def test_condor_rm_hold_and_release_reach_slurm(rig):
+    from testbed.htcondor import HELD, RUNNING
+
+    before = slurm_count(rig)
+    jobs = rig.submit_jobs(3, in_size=10_000, out_size=10_000, gated=True)
+    rig.wait_running(jobs)
+    rig.submit.run(["condor_rm", "%d.0" % jobs.cluster], user=htcondor.USER)
+    rig.submit.run(["condor_hold", "%d.1" % jobs.cluster], user=htcondor.USER)
+    rig.wait_jobs(jobs, HELD, procs=[1])
+    rig.submit.run(["condor_release", "%d.1" % jobs.cluster], user=htcondor.USER)
+    rig.wait_jobs(jobs, RUNNING, procs=[1])
+    rig.open_gate(jobs)
+    rig.wait_jobs(jobs, COMPLETED, procs=[1, 2])
+    assert 0 not in rig.statuses(jobs), "the removed job left the queue"
+    rig.check_outputs(jobs, procs=[1, 2])
+    assert len(rig.slurm_submissions()) - before >= 3
+
+
+@pytest.mark.parametrize(
+    "fault",
+    ["kill -9 of the link's ssh", "kill -9 of the proxy", "kill -9 of the server", "a restart of the GridManager"],
+)
+def test_jobs_running_through_a_fault_all_complete_and_none_is_submitted_twice(rig, fault):
+    before = slurm_count(rig)
+    jobs = rig.submit_jobs(4, in_size=50_000, out_size=50_000, gated=True)
+    rig.wait_running(jobs)
+    if fault == "kill -9 of the link's ssh":
+        kill_one(rig.cluster, "rvgahp_proxy")  # the cluster's ssh client: its command names the proxy
+    elif fault == "kill -9 of the proxy":
+        kill_one(rig.submit, "rvgahp_proxy")
+    elif fault == "kill -9 of the server":
+        kill_one(rig.cluster, "rvgahp_server")
+        # cron would start it within ten minutes; the admin's start command does it now
+        rig.cluster.run(["/home/alice/bin/rvgahp_server", "-d"], user=htcondor.USER)
+    else:
+        kill_one(rig.submit, "condor_gridmanager")  # the schedd starts a new one
+    rig.open_gate(jobs)
+    finished(rig, jobs, before)
+
+
+# --------------------------------------------------------------------------- the tunnel off, setup again, --remove
+
+
+def test_with_the_tunnel_off_transfers_go_direct_and_fail_where_no_htcondor_port_is_open(rig):
+    """docs/file-transfer.md: with RVGAHP_FT_TUNNEL = False the ft-gahp connects straight to
+    the GridManager's own address, which this cluster cannot reach: the job is held with
+    HTCondor's own transfer error, and nothing is said to have gone through the tunnel."""
+    from testbed.htcondor import HELD
+
+    config = htcondor.HOME + "/.rvgahp/condor_config.rvgahp"
+    saved = rig.cluster.read(config)
+    rig.cluster.write(config, saved + "RVGAHP_FT_TUNNEL = False\n", 0o600, owner=True)
+    try:
+        kill_one(rig.submit, "condor_gridmanager")  # a new GridManager starts a new ft-gahp session
+        jobs = rig.submit_jobs(1, in_size=1000, out_size=1000)
+        rig.wait_jobs(jobs, HELD, timeout=600)
+        reason = rig.q(jobs, ("HoldReason",))[0][0]
+        assert "transfer" in reason.lower(), reason
+        assert "no file-transfer tunnel" not in reason
+        rig.submit.run(["condor_rm", str(jobs.cluster)], user=htcondor.USER)
+    finally:
+        rig.cluster.write(config, saved, 0o600, owner=True)
+        kill_one(rig.submit, "condor_gridmanager")
+
+
+def test_setup_run_again_changes_nothing_and_remove_leaves_no_server(rig):
+    result, asked = rig.setup()
+    assert asked == 1
+    assert "Done: nothing changed" in result.stdout, result.stdout
+    result, asked = rig.setup("--remove")
+    assert "stopped rvgahp_server" in result.stdout, result.stdout
+    assert not processes(rig.cluster, "rvgahp_server"), "a server outlived --remove"
+    assert not rig.cluster.read(htcondor.HOME + "/.rvgahp/rvgahp_ssh", ""), "--remove left the transport"
