@@ -996,6 +996,27 @@ class Remote:
             )
         self.up = True
 
+    def unknown_host_key(self):
+        """(host, port, host) when ssh would ask about the cluster's host key on this login
+        (no key in its known_hosts files and StrictHostKeyChecking ask); else None."""
+        done = run(["ssh", "-G"] + self.base + [self.destination], timeout=30)
+        if done.returncode != 0:
+            return None
+        config = {}
+        for line in done.stdout.splitlines():
+            key, _, value = line.partition(" ")
+            config.setdefault(key.lower(), value.strip())
+        if config.get("stricthostkeychecking", "ask") != "ask":
+            return None
+        host = config.get("hostkeyalias") or config.get("hostname") or self.destination.rpartition("@")[2]
+        port = config.get("port", "22")
+        name = host if port == "22" else "[%s]:%s" % (host, port)
+        for known in config.get("userknownhostsfile", "~/.ssh/known_hosts").split() + config.get("globalknownhostsfile", "").split():
+            path = os.path.expanduser(known)
+            if os.path.isfile(path) and run(["ssh-keygen", "-F", name, "-f", path], timeout=30).returncode == 0:
+                return None
+        return host, port, host
+
     def argv(self, command):
         return ["ssh"] + self.base + ["-o", "ControlMaster=no", "-o", "ControlPath=" + self.control, self.destination, command]
 
@@ -1140,6 +1161,13 @@ class Setup:
 
     def login(self):
         self.step("login", "log in to %s (answer its prompts; this is the only login)" % self.destination())
+        unknown = self.remote.unknown_host_key()
+        if unknown:
+            self.say(
+                "      first login to %s: ssh shows its host key's fingerprint and asks whether to trust it; answer yes only "
+                "if it matches what your site publishes (ssh-keyscan -p %s %s | ssh-keygen -lf - prints it); "
+                "ssh then keeps the key in ~/.ssh/known_hosts" % unknown
+            )
         self.remote.login()
 
     def probe(self):
@@ -1552,7 +1580,7 @@ def setup_main(args):
     )
     parser.add_argument("--dry-run", action="store_true", help="list every step, file and command; change nothing")
     parser.add_argument("--remove", action="store_true", help="undo what setup added, on both hosts")
-    parser.add_argument("--version", action="version", version="rvgahp %s" % VERSION)
+    parser.add_argument("--version", action="version", version="rvgahp setup %s" % VERSION)
     parser.add_argument("cluster", metavar="USER@CLUSTER")
     opts = parser.parse_args(args)
     setup = Setup(opts)
@@ -1952,7 +1980,7 @@ def doctor_main(args):
     parser.add_argument("--json", action="store_true", help="one JSON object instead of lines")
     parser.add_argument("--socket", metavar="PATH", action="append", help="check this socket (default: those in ~/.ssh/authorized_keys)")
     parser.add_argument("-b", dest="basedir", metavar="BASEDIR", help="the cluster's HTCondor layout, as rvgahp_server -b")
-    parser.add_argument("--version", action="version", version="rvgahp %s" % VERSION)
+    parser.add_argument("--version", action="version", version="rvgahp doctor %s" % VERSION)
     opts = parser.parse_args(args)
     home = os.path.expanduser("~")
     d = Doctor()
@@ -2010,7 +2038,7 @@ def print_main(args):
         sys.stdout.write(PRINT_USAGE)
         return 0
     if args == ["--version"]:
-        sys.stdout.write("rvgahp %s\n" % VERSION)
+        sys.stdout.write("rvgahp print %s\n" % VERSION)
         return 0
     if not args:
         sys.stderr.write(PRINT_USAGE)
@@ -2019,7 +2047,7 @@ def print_main(args):
         raise rvgahp.UsageError("unknown file %s: expected one of %s (rvgahp print --help)" % (args[0], ", ".join(PRINTABLE)))
     what, args = args[0], args[1:]
     parser = argparse.ArgumentParser(prog="rvgahp print " + what)
-    parser.add_argument("--version", action="version", version="rvgahp %s" % VERSION)
+    parser.add_argument("--version", action="version", version="rvgahp print %s" % VERSION)
     home = os.path.expanduser("~")
     if what in ("transport", "authorized-key"):
         parser.add_argument("--socket", required=True, metavar="PATH", help="the socket on the submit host")

@@ -101,8 +101,10 @@ exit 1
 """
 
 ASKPASS = """#!/bin/sh
-# Answers ssh's prompt and counts the calls: one line per prompt.
+# Answers ssh's prompt and counts the calls: one line per prompt. A new host key's
+# question is answered yes (a test that meets one checks what setup said first).
 echo "$*" >> "$RV_ASKPASS_LOG"
+case "$*" in *"(yes/no"*) echo yes; exit 0 ;; esac
 printf '%s\\n' "$RV_PASSWORD"
 """
 
@@ -475,7 +477,9 @@ def test_print_gives_each_file_for_a_setup_by_hand(tmp_path):
     assert (c.get("BATCH_GAHP"), c.get("GLITE_LOCATION"), c.get("BLAHPD_LOCATION")) == ("/b/glite/bin/blahpd", "/mine", "/mine")
     assert (c.get("LOG"), c.get("FT_GAHP_LOG")) == ("/home/alice/.rvgahp", "/home/alice/.rvgahp/FTGahpLog")
     wrong = subprocess.run([sys.executable, ADMIN, "print", "nothing"], capture_output=True, text=True, timeout=30)
-    assert wrong.returncode == 2 and "usage: rvgahp print {transport,authorized-key,server-config,crontab}" in wrong.stderr
+    assert (
+        wrong.returncode == 2 and "unknown file nothing: expected one of transport, authorized-key, server-config, crontab" in wrong.stderr
+    )
 
 
 def test_the_pyz_carries_setup_and_doctor(pyz):
@@ -983,3 +987,29 @@ def test_condor_config_with_a_hand_written_remote_gahp_is_warned_about_by_file_a
     assert differences(before, world.state()) == {}
     with open(user_config) as f:
         assert f.read() == mine
+
+
+def test_first_contact_says_what_the_host_key_question_is_before_ssh_asks(world):
+    new = "login.new.example.net"
+    with open("/etc/hosts") as f:
+        saved = f.read()
+    known = Undo(world.home(SUB, ".ssh", "known_hosts"))
+    with open("/etc/hosts", "a") as f:
+        f.write("127.0.0.1 %s\n" % new)
+    try:
+        result, _ = world.setup(host=new)
+        said = [line for line in result.stdout.splitlines() if "first login to" in line]
+        assert len(said) == 1 and "first login to %s: ssh shows its host key's fingerprint" % new in said[0], result.stdout
+        assert "ssh-keyscan -p %d %s | ssh-keygen -lf -" % (world.port, new) in said[0]
+        assert result.stdout.index("first login to") < result.stdout.index("[2/9]")
+        with open(os.path.join(world.askpass_dir, "calls.%d" % world.runs)) as f:
+            asked = f.read()
+        assert asked.count("continue connecting (yes/no") == 1 and asked.count("password:") == 1, asked
+        works(world, CLA, world.sock(CLA, new))
+        result, calls = world.setup(host=new)  # ssh keeps the key: no question, and nothing said
+        assert "first login to" not in result.stdout and calls == 1
+        world.setup("--remove", host=new)
+    finally:
+        with open("/etc/hosts", "w") as f:
+            f.write(saved)
+        known.restore()

@@ -26,7 +26,10 @@ def run(*argv):
 def test_each_admin_command_takes_version(command):
     # through rvgahp.py's dispatch, as `rvgahp.pyz setup --version` and the pip `rvgahp` run it
     result = run(RVGAHP, *command, "--version")
-    assert (result.returncode, result.stdout, result.stderr) == (0, "rvgahp %s\n" % rvgahp.VERSION, "")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "rvgahp %s %s\n" % (command[0], rvgahp.VERSION), "")
+    # and rvgahp_admin.py itself, as rvgahp.pyz's dispatch hands a longer command line over
+    result = run(ADMIN, *command, "--version")
+    assert (result.returncode, result.stdout) == (0, "rvgahp %s %s\n" % (command[0], rvgahp.VERSION))
 
 
 def test_print_help_gives_the_full_usage_of_every_file():
@@ -108,4 +111,4 @@ def test_the_pyz_floor_is_still_3_6():
     if not python:
         pytest.skip("no Python 3.6 here")
     result = subprocess.run([python, ADMIN, "setup", "--version"], stdout=subprocess.PIPE, text=True, timeout=60)
-    assert result.stdout == "rvgahp %s\n" % rvgahp.VERSION
+    assert result.stdout == "rvgahp setup %s\n" % rvgahp.VERSION
