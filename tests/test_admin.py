@@ -1013,3 +1013,50 @@ def test_first_contact_says_what_the_host_key_question_is_before_ssh_asks(world)
         with open("/etc/hosts", "w") as f:
             f.write(saved)
         known.restore()
+
+
+# --------------------------------------------------------------------------- issue 19's items 10 and 15, issue 18's batch systems
+
+
+def test_the_rvgahp_command_exists_after_setup_and_runs_doctor(world):
+    world.setup()
+    rvgahp_cmd = world.home(SUB, "bin", "rvgahp")
+    assert os.readlink(rvgahp_cmd) == "rvgahp.pyz"
+    result = world.as_user(SUB, [rvgahp_cmd, "doctor"])
+    assert result.returncode == 0 and "rvgahp doctor %s" % rvgahp.VERSION in result.stdout, result.stdout + result.stderr
+    world.setup("--remove")
+    assert not os.path.lexists(rvgahp_cmd)
+
+
+def test_doctor_moves_a_socket_in_a_shared_directory_and_never_chmods_it(world):
+    shared = "/tmp/rvadm-%d.sock" % os.getpid()
+    before = world.state()
+    world.setup("--socket", shared)
+    checks, status = world.checks(SUB)
+    check = checks["socket directory"]
+    assert status == 1 and not check["ok"], check
+    fix = check["fix"]
+    assert "chmod" not in fix and "rvgahp setup --socket ~/.rvgahp/%s" % os.path.basename(shared) in fix and "grid_resource" in fix
+    world.setup("--remove", "--socket", shared)
+    assert differences(before, world.state()) == {}
+
+
+def test_several_batch_systems_are_named_and_one_is_chosen_with_a_flag(world):
+    """Stand-ins for sbatch and condor_submit on the cluster's PATH (only their names count)."""
+    stand_ins = [os.path.join(world.bin, name) for name in ("sbatch", "condor_submit")]
+    for path in stand_ins:
+        write(path, "#!/bin/sh\n# a stand-in: setup only looks for the name\nexit 0\n", 0o755)
+    try:
+        before = world.state()
+        result, calls = world.setup(expect=1)
+        assert calls == 1
+        line = result.stderr.strip().splitlines()
+        assert len(line) == 1 and "several batch systems (slurm, condor)" in line[0] and "--batch-system NAME" in line[0], result.stderr
+        result, _ = world.setup("--batch-system", "condor")
+        assert "batch system    condor (--batch-system)" in result.stdout
+        assert "grid_resource = batch condor %s" % world.sock() in result.stdout
+        world.setup("--remove")
+        assert differences(before, world.state()) == {}
+    finally:
+        for path in stand_ins:
+            os.unlink(path)
