@@ -13,7 +13,7 @@ if ! command -v "$py" >/dev/null 2>&1; then
 fi
 exec "$py" -I -S -c '
 import posix, sys
-# posix, not os: importing os is a tenth of a session start (see rvgahp.py).
+# posix: what this needs of os, before rvgahp (which imports os) is found.
 sys.argv.pop(0)  # now the name we were run by, which picks the role
 def env(name):
     value = posix.environ.get(name.encode())
