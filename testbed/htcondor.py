@@ -380,7 +380,7 @@ class Host:
         found = []
         for pid in self.pids():
             argv = cmdline(pid)
-            if argv and (name is None or os.path.basename(argv[0]) == name or (len(argv) > 1 and os.path.basename(argv[1]) == name)):
+            if argv and (name is None or name in [os.path.basename(a) for a in argv[:3]]):
                 found.append((pid, argv))
         return found
 
@@ -796,6 +796,15 @@ class Rig:
         except AssertionError as e:
             raise AssertionError("%s\n%s" % (e, self.diagnose(jobs))) from None
         return self.wait_jobs(jobs, RUNNING, timeout, procs)
+
+    def slurm_queue(self, ids=None):
+        """Slurm job ids in the queue (of ids, if given)."""
+        out = self.cluster.run(["squeue", "-h", "-o", "%i"], timeout=60).stdout.split()
+        return [int(i) for i in out if ids is None or int(i) in ids]
+
+    def start_server(self):
+        """rvgahp_server -d as alice on the cluster, as cron starts it."""
+        self.cluster.run([HOME + "/bin/rvgahp_server", "-d"], user=USER, timeout=120)
 
     def open_gate(self, jobs):
         self.cluster.write(jobs.gate, "open\n")
