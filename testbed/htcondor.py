@@ -376,11 +376,12 @@ class Host:
         return [int(p) for p in out.split()]
 
     def processes(self, name=None):
-        """[(pid, argv)] of this host's processes, those whose argv[0] ends in name if given."""
+        """[(pid, argv)] of this host's processes, those named name if given: a word of
+        their argv is name or ends in /name (a role run from the pyz is python3's argument)."""
         found = []
         for pid in self.pids():
             argv = cmdline(pid)
-            if argv and (name is None or name in [os.path.basename(a) for a in argv[:3]]):
+            if argv and (name is None or name in [os.path.basename(a) for a in argv if "\n" not in a]):
                 found.append((pid, argv))
         return found
 
@@ -627,7 +628,7 @@ class Rig:
         for sub in ("", "/log", "/spool", "/execute", "/lock", "/run", "/cred"):
             s.mkdir(CONDOR_DIR + sub, 0o755, owner=True)
         s.write(CONDOR_CONFIG, CONDOR.format(dir=CONDOR_DIR, local=CONDOR_LOCAL), owner=True)
-        s.write(CONDOR_LOCAL, "# setup's REMOTE_GAHP block goes here\n", owner=True)
+        s.write(CONDOR_LOCAL, "# setup's block goes here\n", owner=True)
         s.mkdir(HOME + "/.ssh", 0o700, owner=True)
         hostkey = " ".join(self.cluster.read("/etc/ssh/ssh_host_ed25519_key.pub").split()[:2])
         s.write(HOME + "/.ssh/known_hosts", "%s %s\n" % (ADDRESS[CLUSTER], hostkey), 0o644, owner=True)

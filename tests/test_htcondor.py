@@ -146,11 +146,10 @@ def test_condor_rm_hold_and_release_reach_slurm(rig):
     assert len(rig.slurm_submissions()[before:]) == 4, "the released job goes to Slurm once more, and only once"
 
 
-RIG_TODO = "rig defect: Host.processes() does not find the pyz roles by name yet (fix pending)"
 FAULTS = (
     "link-ssh",
-    pytest.param("proxy", marks=pytest.mark.skip(reason=RIG_TODO)),
-    pytest.param("server", marks=pytest.mark.skip(reason=RIG_TODO)),
+    "proxy",
+    "server",
     "gridmanager",
 )
 
@@ -179,7 +178,6 @@ def test_jobs_running_through_a_kill_all_complete_and_none_is_submitted_twice(ri
 # --------------------------------------------------------------------------- the tunnel off, setup again, --remove
 
 
-@pytest.mark.skip(reason=RIG_TODO)
 def test_with_the_tunnel_off_transfers_go_direct_and_fail_where_no_htcondor_port_is_open(rig):
     """With RVGAHP_FT_TUNNEL = False on the cluster, the ft-gahp connects straight to the
     GridManager's own address, which this cluster cannot reach: the transfer fails with
@@ -206,7 +204,6 @@ def test_with_the_tunnel_off_transfers_go_direct_and_fail_where_no_htcondor_port
         rig.cluster.write(config, saved, 0o600, owner=True)
 
 
-@pytest.mark.skip(reason="rig defect: its own comment in condor_config.local names REMOTE_GAHP (fix pending)")
 def test_setup_run_again_changes_nothing_and_remove_leaves_no_server(rig):
     result, asked = rig.setup()
     assert asked == 1, result.stdout
