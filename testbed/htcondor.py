@@ -38,6 +38,8 @@ import signal
 import subprocess
 import time
 
+from testbed.loopback import cmdline
+
 BASE = os.environ.get("RVGAHP_HTCONDOR_CACHE", "/var/tmp/rvgahp-htcondor")
 MIRROR = os.environ.get("RVGAHP_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 SUITE = "trixie"
@@ -384,14 +386,6 @@ class Host:
             if argv and (name is None or name in [os.path.basename(a) for a in argv if "\n" not in a]):
                 found.append((pid, argv))
         return found
-
-
-def cmdline(pid):
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return []
 
 
 def kill_netns_processes(netns):
