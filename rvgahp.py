@@ -41,12 +41,17 @@ Where things are, in reading order:
                      GahpLauncher (allow-list, config re-reads, spawn, spares); Server
                      (sessions, reaping, shutdown); Spare, ServerSession
   the tunnel         TunnelListener (cluster side, its limit and its owner check, SockDiag),
+                     CreditPool (the proxy's one bound on what it holds for all of them),
                      TunnelConn (both sides: half-close, reset, connect-gated credit)
   the proxy          SocketClaim (bind, stand by, heartbeat, take over, let go); Proxy
                      (sessions, status); ClientConn, ProxySession
   the client         argv, Handoff, the owner check, run_client, the Allocated line,
                      the waiting shell, --status
-  the command line   each role's main, the pid lock, daemonize, main, the admin's tools
+  the command line   each role's main, the pid lock, daemonize, main
+
+Beside this file: rvgahp_launch.py (rvgahp.pyz's start, and the `rvgahp` command, which
+sends setup, doctor and print to rvgahp_admin.py; this module never imports either) and
+rvgahp_probe.py (what setup runs on the cluster before rvgahp is there).
 """
 
 import errno
@@ -98,6 +103,10 @@ MAX_SESSIONS = 1000
 MAX_TUNNEL_CONNECTIONS = 256  # per session; the ft-gahp opens one per transfer command, and
 # more wait in the kernel's accept queue until one ends (never refused for the count)
 MAX_TUNNEL_AT_PROXY = 2 * MAX_TUNNEL_CONNECTIONS  # the proxy's own bound: its count trails the server's
+# What the proxy lets the cluster send ahead, over all tunnel connections of its link
+# together, for GridManager sockets that read slowly or not at all (see CreditPool).
+TUNNEL_POOL = 16 * 1024 * 1024
+TUNNEL_FLOOR = 128 * 1024  # ...beyond which a connection still gets this much at a time
 MAX_STATUS_SESSIONS = 200  # a status reply lists at most this many sessions
 MAX_MACRO_DEPTH = 64  # deeper nesting in a config is a mistake, not a real config
 
@@ -2910,6 +2919,33 @@ def tunnel_window(link):
     return TUNNEL_WINDOW if "wide_tunnel" in link.features else CHANNEL_WINDOW
 
 
+class CreditPool:
+    """The credit the proxy grants the tunnel connections of its link, in total.
+
+    A connection asks for its window when it has connected to the GridManager, and again
+    each time its socket has taken a batch of what came (or all of it). It gets what the
+    pool has free, up to its window; when the pool is spent, enough to hold TUNNEL_FLOOR,
+    so that every connection keeps moving and none waits on another. So the bytes the
+    proxy holds for its GridManager sockets stay under TUNNEL_POOL plus TUNNEL_FLOOR per
+    connection, not a whole window per connection.
+    """
+
+    def __init__(self, size, floor):
+        self.size = size
+        self.floor = floor
+        self.granted = 0  # to connections, and not yet taken by their sockets
+
+    def grant(self, conn):
+        want = conn.window - conn.pooled
+        n = min(want, max(self.size - self.granted, self.floor - conn.pooled))
+        if n > 0:
+            self.granted += n
+            conn.granted_more(n)
+
+    def give_back(self, n):
+        self.granted -= n
+
+
 class TunnelConn(Channel):
     """One TCP connection through the tunnel: the same class at both ends.
 
@@ -2918,9 +2954,11 @@ class TunnelConn(Channel):
     directions are done the channel ends; an error at either end aborts both.
     """
 
-    def __init__(self, link, cid, sock, session, registry, on_end=None):
+    def __init__(self, link, cid, sock, session, registry, on_end=None, pool=None):
         Channel.__init__(self, link, cid, sock.fileno(), sock.fileno(), tunnel_window(link))
         self.sock = sock
+        self.pool = pool  # the proxy's CreditPool, where the link grants credit explicitly
+        self.pooled = 0  # credit granted from the pool that our socket has not yet taken
         self.session = session
         self.registry = registry  # the session's table of its connections
         self.on_end = on_end  # told once it has left the registry
@@ -2961,8 +2999,28 @@ class TunnelConn(Channel):
     def _relay_connected(self):
         self.begin_relay()
         self.release_sink()
-        if "tunnel_credit" in self.link.features:
+        if self.pool is not None:
+            self.pool.grant(self)  # the far end may send what the pool grants
+        elif "tunnel_credit" in self.link.features:
             self.link.send(WINDOW, self.cid, COUNT.pack(self.window))  # the far end may send now
+
+    def granted_more(self, n):
+        self.pooled += n
+        self.link.send(WINDOW, self.cid, COUNT.pack(n))
+
+    def _sink_took(self, n):
+        if self.pool is None:
+            Channel._sink_took(self, n)
+            return
+        # Credit goes back to the pool in batches, or once the socket has taken all that
+        # came (the far end may be waiting on a small grant), and we ask again.
+        self.inflight -= n
+        self.ungranted += n
+        if (self.ungranted >= self.grant_at or self.inflight == 0) and not self.released:
+            self.pooled -= self.ungranted
+            self.pool.give_back(self.ungranted)
+            self.ungranted = 0
+            self.pool.grant(self)
 
     def _connect_failed(self, reason):
         if self.released:
@@ -3034,6 +3092,9 @@ class TunnelConn(Channel):
         if self.released:
             return
         Channel.release(self)
+        if self.pool is not None:
+            self.pool.give_back(self.pooled)
+            self.pooled = 0
         if self.registry.get(self.cid) is self:
             del self.registry[self.cid]
             if self.on_end is not None:
@@ -3236,6 +3297,7 @@ class Proxy:
         self.waiting = []  # sessions that arrived before the server's hello
         self.session_of_cid = {}  # a channel -> its ProxySession, until released
         self.wide_pipe_quota = wide_pipe_sessions()  # sessions whose pipes may be widened
+        self.tunnel_pool = CreditPool(TUNNEL_POOL, TUNNEL_FLOOR)  # one link per proxy, so one pool
         self.clients = set()
         self.draining = set()  # sessions whose GAHP has ended, still writing its last output
         self.next_cid = 0
@@ -3343,6 +3405,7 @@ class Proxy:
                 "ping_interval": link.ping_interval,
                 "ping_timeout": link.ping_timeout,
                 "features": sorted(link.features.intersection(FEATURES)),  # what both ends use
+                "tunnel_pool": {"size": self.tunnel_pool.size, "granted": self.tunnel_pool.granted},
             },
             "server": {
                 "pid": whole_number(peer.get("pid", ""), 1, 2**31 - 1),  # a number, as the proxy's; None if it did not say
@@ -3425,7 +3488,8 @@ class Proxy:
         family, host, port, text = session.tunnel_to
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
-        conn = TunnelConn(self.link, cid, sock, session, session.tunnel_conns)
+        pool = self.tunnel_pool if "tunnel_credit" in self.link.features else None
+        conn = TunnelConn(self.link, cid, sock, session, session.tunnel_conns, pool=pool)
         self.link.channels[cid] = session.tunnel_conns[cid] = conn
         conn.connect((host, port), text)
 
@@ -4559,7 +4623,11 @@ def main(argv=None):
         if args and args[0] in ROLES:
             role, args = args[0], args[1:]
         elif args and args[0] in ADMIN_COMMANDS:
-            return run_admin(args)
+            # rvgahp_launch.py hands these to rvgahp_admin.py before they get here.
+            name = os.path.basename(argv[0])
+            where = "which comes with rvgahp.pyz or a pip install; run rvgahp.pyz %s" % args[0]
+            say_error(name, UsageError("%s is an admin command, %s" % (args[0], where)))
+            return 2
         elif args == ["--version"]:
             sys.stdout.write("rvgahp %s\n" % VERSION)
             return 0
@@ -4597,24 +4665,10 @@ def say_error(program, error):
     sys.stderr.write("%s: %s\n" % (program, printable(str(error))))
 
 
-# The admin's tools (setup, doctor, ...) are another program, rvgahp_admin.py, that
-# rvgahp.pyz carries beside this one; the relay itself never needs it.
+# The admin's tools (setup, doctor, print) are another module, rvgahp_admin.py, that
+# rvgahp.pyz carries beside this one; rvgahp_launch.py sends their commands there, so the
+# relay never imports it. Named here for the usage and for unknown commands.
 ADMIN_COMMANDS = ("setup", "doctor", "print")
-
-
-def run_admin(args):
-    try:
-        import rvgahp_admin
-    except ImportError:
-        say_error("rvgahp", UserError("%s needs rvgahp_admin.py, which rvgahp.pyz carries; run it as rvgahp.pyz %s" % (args[0], args[0])))
-        return 2
-    if args[0] not in rvgahp_admin.COMMANDS:
-        say_error("rvgahp", UsageError("unknown command %s" % args[0]))
-        return 2
-    if args[1:] == ["--version"]:
-        sys.stdout.write("rvgahp %s %s\n" % (args[0], VERSION))
-        return 0
-    return run_reporting("rvgahp " + args[0], rvgahp_admin.main, args)
 
 
 if __name__ == "__main__":

@@ -619,15 +619,11 @@ class Applier:
 
 
 def shiv_copies(pyz):
-    """What shiv unpacked from this rvgahp.pyz ($SHIV_ROOT or ~/.shiv, NAME_BUILDID and its
-    lock), as zipapp_main.py finds it; [] for a plain zipapp or no file."""
-    import zipfile
+    """What was unpacked from this rvgahp.pyz ($SHIV_ROOT or ~/.shiv, NAME_BUILDID and its
+    lock), as rvgahp_launch.py finds it; [] for no such file."""
+    import rvgahp_launch
 
-    try:
-        with zipfile.ZipFile(pyz) as z:
-            build_id = json.loads(z.read("environment.json").decode("utf-8")).get("build_id")
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return []
+    build_id = rvgahp_launch.build_id_of(pyz)
     if not build_id:
         return []
     root = os.environ.get("SHIV_ROOT") or os.path.expanduser("~/.shiv")
@@ -830,7 +826,8 @@ def setup_remote_main():
     return 0 if "error" not in out else 1
 
 
-# What setup runs on the cluster first, with sh: find a Python 3.6+, then look around with it.
+# What setup runs on the cluster first, with sh: find a Python 3.6+, then run rvgahp_probe.py
+# (in the here-document) with it, to look around.
 PROBE_SH = r"""
 for p in python3 python3.13 python3.12 python3.11 python3.10 python3.9 python3.8 python3.7 python3.6; do
     path=$(command -v "$p" 2>/dev/null) || continue
@@ -843,50 +840,17 @@ done
 echo '{"python": null, "path": "'"$PATH"'"}'
 """
 
-PROBE_PY = r"""
-import hashlib, json, os, shutil, socket, subprocess, sys
-want = json.loads(sys.argv[1])
-home = os.path.expanduser("~")
-def usable(p):
-    return bool(p) and os.path.isfile(p) and os.access(p, os.X_OK)
-def find(named, name, places):
-    if named:
-        p = os.path.expanduser(named)
-        return {"path": p, "ok": usable(p), "named": True}
-    for c in [shutil.which(name)] + [os.path.expanduser(p) for p in places]:
-        if usable(c):
-            return {"path": c, "ok": True}
-    return {"path": None, "ok": False, "tried": ["PATH"] + list(places)}
-def text(p):
-    try:
-        with open(os.path.join(home, p), encoding="utf-8", errors="surrogateescape") as f:
-            return f.read()
-    except OSError:
-        return None
-def digest(p):
-    try:
-        with open(os.path.join(home, p), "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    except OSError:
-        return None
-cron = subprocess.run(["/usr/bin/env", "python3", "-c", "import sys; print(sys.version_info >= (3, 6))"],
-                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin"})
-tab = None
-if shutil.which("crontab"):
-    r = subprocess.run(["crontab", "-l"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    tab = r.stdout.decode("utf-8", "surrogateescape") if r.returncode == 0 else None
-print(json.dumps({
-    "python": sys.executable, "version": "%d.%d.%d" % sys.version_info[:3],
-    "cron_python_ok": cron.stdout.strip() == b"True",
-    "home": home, "home_writable": os.access(home, os.W_OK), "hostname": socket.gethostname(),
-    "blahpd": find(want["blahpd"], "blahpd", want["blahpd_places"]),
-    "ft_gahp": find(want["ft_gahp"], "condor_ft-gahp", want["ft_gahp_places"]),
-    "batch": [b for c, b in want["batch"] if shutil.which(c)],
-    "crontab_cmd": shutil.which("crontab"), "crontab": tab,
-    "texts": {p: text(p) for p in want["texts"]},
-    "pyz": digest("bin/rvgahp.pyz"),
-}))
-"""
+
+def probe_program():
+    """rvgahp_probe.py's source, which setup runs on the cluster: it sits beside this file
+    in the sources, in rvgahp.pyz and in a pip install."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "rvgahp_probe.py")) as f:
+        return f.read()
+
+
+def probe_script():
+    """PROBE_SH with rvgahp_probe.py in its here-document."""
+    return PROBE_SH % probe_program().strip()
 
 
 # --------------------------------------------------------------------------- the payload
@@ -894,9 +858,11 @@ print(json.dumps({
 
 def running_payload():
     """(bytes, description) of the rvgahp to install: the running .pyz itself, or, run from
-    the sources or a pip install, a zipapp of the same two modules (made reproducibly)."""
-    import io
+    the sources or a pip install, an rvgahp.pyz packed from the same modules by the same
+    launcher, so that its client starts as fast as one built by build_zipapp.sh."""
     import zipfile
+
+    import rvgahp_launch
 
     argv0 = os.path.realpath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     if argv0 and os.path.isfile(argv0) and zipfile.is_zipfile(argv0):
@@ -904,27 +870,13 @@ def running_payload():
             if any(n == "rvgahp.py" or n.endswith("/rvgahp.py") for n in z.namelist()):
                 with open(argv0, "rb") as f:
                     return f.read(), argv0
-    main = (
-        "import sys\n\nimport rvgahp\nimport rvgahp_admin\n\n"
-        "args = sys.argv[1:]\n"
-        "if rvgahp.role_of(sys.argv[0]) is None and args and args[0] in rvgahp_admin.COMMANDS:\n"
-        "    sys.exit(rvgahp_admin.main(args))\n"
-        "sys.exit(rvgahp.main())\n"
-    )
-    buf = io.BytesIO()
-    buf.write(b"#!/usr/bin/env python3\n")
-    with zipfile.ZipFile(buf, "a", zipfile.ZIP_DEFLATED) as z:
-        for name, path in (("rvgahp.py", rvgahp.__file__), ("rvgahp_admin.py", __file__)):
-            with open(path, "rb") as f:
-                info = zipfile.ZipInfo(name, (1980, 1, 1, 0, 0, 0))
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info.external_attr = 0o644 << 16
-                z.writestr(info, f.read())
-        info = zipfile.ZipInfo("__main__.py", (1980, 1, 1, 0, 0, 0))
-        info.compress_type = zipfile.ZIP_DEFLATED
-        info.external_attr = 0o644 << 16
-        z.writestr(info, main)
-    return buf.getvalue(), "a zipapp of %s and %s" % (rvgahp.__file__, os.path.abspath(__file__))
+    here = os.path.dirname(os.path.abspath(rvgahp_launch.__file__))
+    members = []
+    for name in rvgahp_launch.MODULES:
+        with open(os.path.join(here, name), "rb") as f:
+            members.append(("site-packages/" + name, f.read()))
+    build_id = hashlib.sha256(b"".join(data for _, data in members)).hexdigest()
+    return rvgahp_launch.build_pyz(members, build_id), "an rvgahp.pyz packed from the modules in %s" % here
 
 
 # --------------------------------------------------------------------------- setup, on the submit host
@@ -1049,17 +1001,6 @@ class Remote:
 
 
 # The cluster's end of setup's tunnel proof: send argv[2] to 127.0.0.1:argv[1], print what comes back.
-TUNNEL_PY = """import socket, sys
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), 10)
-s.sendall(sys.argv[2].encode())
-got = b""
-while len(got) < len(sys.argv[2]):
-    more = s.recv(4096)
-    if not more:
-        break
-    got += more
-print(got.decode(errors="replace"))
-"""
 
 
 def read_banner(child, deadline):
@@ -1180,8 +1121,7 @@ class Setup:
             "batch": BATCH_SYSTEMS,
             "texts": [".rvgahp/condor_config.rvgahp", ".rvgahp/known_hosts", ".rvgahp/rvgahp_ssh"],
         }
-        script = PROBE_SH % PROBE_PY.strip()
-        done = self.remote.run("/bin/sh -s " + shlex.quote(json.dumps(want)), stdin=script)
+        done = self.remote.run("/bin/sh -s look " + shlex.quote(json.dumps(want)), stdin=probe_script())
         try:
             found = json.loads(done.stdout.strip().splitlines()[-1])
         except (ValueError, IndexError):
@@ -1462,7 +1402,7 @@ class Setup:
         heard = []
         echo = threading.Thread(target=echo_once, args=(listener, len(token), deadline, heard), daemon=True)
         echo.start()
-        command = "%s -c %s %s %s" % (shlex.quote(self.found["python"]), shlex.quote(TUNNEL_PY), allocated[0], token)
+        command = "%s -c %s echo %s %s" % (shlex.quote(self.found["python"]), shlex.quote(probe_program()), allocated[0], token)
         done = self.remote.run(command, timeout=max(1, int(deadline - time.monotonic())))
         echo.join(max(0.0, deadline - time.monotonic()))
         here = "127.0.0.1:%d" % listener.getsockname()[1]
@@ -1511,9 +1451,9 @@ class Setup:
         self.login()
         self.step("probe", "look at the cluster")
         done = self.remote.run(
-            "/bin/sh -s "
+            "/bin/sh -s look "
             + shlex.quote(json.dumps({"blahpd": "/", "ft_gahp": "/", "blahpd_places": [], "ft_gahp_places": [], "batch": [], "texts": []})),
-            stdin=PROBE_SH % PROBE_PY.strip(),
+            stdin=probe_script(),
         )
         try:
             self.found = json.loads(done.stdout.strip().splitlines()[-1])

@@ -55,7 +55,7 @@ say "ruff"
 "$venv/bin/ruff" format --check .
 
 say "vermin: what runs on users' hosts, and the bench's floor relay, must run on Python 3.6"
-"$venv/bin/vermin" -t=3.6- --violations --no-tips rvgahp.py rvgahp_admin.py zipapp_main.py bench/floor_relay.py
+"$venv/bin/vermin" -t=3.6- --violations --no-tips rvgahp.py rvgahp_admin.py rvgahp_launch.py rvgahp_probe.py bench/floor_relay.py
 
 say "pytest"
 "$venv/bin/python" -m pytest "$@"

@@ -681,6 +681,19 @@ def build_pyz(rvgahp, directory):
     return out
 
 
+def build_pip_pyz(rvgahp, directory):
+    """The rvgahp.pyz that `rvgahp setup` packs when it runs from a pip install (or from the
+    sources): rvgahp_admin.running_payload() on the snapshot's modules."""
+    out = os.path.join(directory, "pip", "rvgahp.pyz")
+    os.makedirs(os.path.dirname(out))
+    code = "import sys; sys.argv = ['rvgahp']; import rvgahp_admin; sys.stdout.buffer.write(rvgahp_admin.running_payload()[0])"
+    data = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(rvgahp), stdout=subprocess.PIPE, check=True, timeout=120).stdout
+    with open(out, "wb") as f:
+        f.write(data)
+    os.chmod(out, 0o755)
+    return out
+
+
 class Setup:
     """sshd, the GAHP and the rigs, each made when a section first needs it and registered for cleanup."""
 
@@ -714,6 +727,9 @@ class Setup:
         if key not in self.flavors:
             if kind == "py":
                 flavor = loopback.Flavor("rvgahp.py", self.pythons[which], self.rvgahp)
+            elif kind == "pip":
+                log("packing rvgahp.pyz as setup does from a pip install")
+                flavor = loopback.Flavor("pip-path pyz", None, build_pip_pyz(self.rvgahp, self.work))
             else:
                 if self.pyz is None:
                     log("building rvgahp.pyz")
@@ -732,7 +748,7 @@ class Setup:
         if key not in self.rigs:
             flavor = self.flavor(kind, which)
             directory = None
-            if kind == "pyz":
+            if kind in ("pyz", "pip"):
                 directory = python_dir(os.path.join(self.work, "python-" + which), self.pythons[which])
             options = ["-o", "Ciphers=" + GCM] if gcm else []
             rig = BenchRig(self.sshd, flavor, self.gahp, python_dir=directory, ssh_options=options)
@@ -986,7 +1002,7 @@ def targets(results):
     for key, r in start.items():
         # The target is for rvgahp.pyz, as users run it. rvgahp.py run as a script is in
         # the table for comparison: Python compiles a script on every start.
-        if key.startswith(("pyz-", "ft-pyz-")):
+        if key.startswith(("pyz-", "ft-pyz-", "pip-")):
             judge("start p90 <= direct p90: %s" % r.get("name", key), r.get("p90"), direct, "%.1f vs %.1f ms")
     for key, r in results.get("burst", {}).items():
         if key not in ("direct", "ssh"):
@@ -1111,7 +1127,7 @@ def run(setup, args, results):
         return modes
 
     def section_start():
-        modes = [direct, ssh] + available([("py", "old"), ("pyz", "old"), ("py", "new"), ("pyz", "new")])
+        modes = [direct, ssh] + available([("py", "old"), ("pyz", "old"), ("py", "new"), ("pyz", "new"), ("pip", "old")])
         modes += [FtGahp(m) for m in modes if m.key.startswith("pyz-")]
         count = 10 if quick else 40
         log("session start, back to back: %d rounds over %d modes" % (count, len(modes)))

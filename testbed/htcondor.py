@@ -38,6 +38,7 @@ import signal
 import subprocess
 import time
 
+from testbed import loopback
 from testbed.loopback import cmdline
 
 BASE = os.environ.get("RVGAHP_HTCONDOR_CACHE", "/var/tmp/rvgahp-htcondor")
@@ -73,15 +74,9 @@ class Unavailable(Exception):
 
 
 def wait_for(predicate, timeout, what, interval=0.2):
-    """predicate()'s first true value, polled until timeout seconds have passed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %d s waiting for %s" % (timeout, what))
-        time.sleep(interval)
+    """predicate()'s first true value, polled until timeout seconds have passed (loopback's
+    wait, with this tier's slower default poll)."""
+    return loopback.wait_for(predicate, timeout, interval=interval, what=what)
 
 
 def read_file(path):

@@ -16,6 +16,7 @@ import rvgahp_admin
 
 ADMIN = os.path.join(harness.REPO, "rvgahp_admin.py")
 RVGAHP = os.path.join(harness.REPO, "rvgahp.py")
+LAUNCH = os.path.join(harness.REPO, "rvgahp_launch.py")
 
 
 def run(*argv):
@@ -24,12 +25,21 @@ def run(*argv):
 
 @pytest.mark.parametrize("command", [["setup"], ["doctor"], ["print"], ["print", "crontab"], ["print", "transport"]])
 def test_each_admin_command_takes_version(command):
-    # through rvgahp.py's dispatch, as `rvgahp.pyz setup --version` and the pip `rvgahp` run it
-    result = run(RVGAHP, *command, "--version")
+    # through the launcher's dispatch, as `rvgahp.pyz setup --version` and the pip `rvgahp` run it
+    result = run(LAUNCH, *command, "--version")
     assert (result.returncode, result.stdout, result.stderr) == (0, "rvgahp %s %s\n" % (command[0], rvgahp.VERSION), "")
     # and rvgahp_admin.py itself, as rvgahp.pyz's dispatch hands a longer command line over
     result = run(ADMIN, *command, "--version")
     assert (result.returncode, result.stdout) == (0, "rvgahp %s %s\n" % (command[0], rvgahp.VERSION))
+
+
+def test_the_relay_alone_names_where_the_admin_commands_are():
+    # rvgahp.py never imports rvgahp_admin.py: copied and run alone, it says where setup is.
+    result = run(RVGAHP, "setup", "alice@login.hpcc.example.edu")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (
+        "rvgahp.py: setup is an admin command, which comes with rvgahp.pyz or a pip install; run rvgahp.pyz setup\n"
+    ), result.stderr
 
 
 def test_print_help_gives_the_full_usage_of_every_file():
@@ -72,7 +82,7 @@ def pip_install(python):
     src = harness.short_tempdir("pipsrc")
     venv = harness.short_tempdir("venv")
     try:
-        for name in ("pyproject.toml", "README.md", "rvgahp.py", "rvgahp_admin.py"):
+        for name in ("pyproject.toml", "README.md", "rvgahp.py", "rvgahp_admin.py", "rvgahp_launch.py", "rvgahp_probe.py"):
             shutil.copy(os.path.join(harness.REPO, name), src)
         subprocess.check_call([python, "-m", "venv", venv])
         pip = subprocess.run(

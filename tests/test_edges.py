@@ -708,12 +708,72 @@ def test_connections_waiting_on_a_busy_gridmanager_cost_the_proxy_no_memory(make
     assert s.finish()[0] == 0
 
 
+def test_the_proxy_holds_one_bounded_pool_for_all_tunnel_connections_and_frees_it_when_they_end(make_rig):
+    """A GridManager that stops reading: two sessions, 20 connections each, the cluster's
+    side pushing 4 MiB into every one. The proxy holds at most TUNNEL_POOL for all of them
+    together, plus TUNNEL_FLOOR each (not a 2 MiB window each: 80 MiB), and holds nothing
+    once they have ended."""
+    import json
+
+    from test_tunnel import start_ft
+
+    rig = make_rig()
+    rig.start_server()
+    stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # accepts (in the kernel), never reads
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(1024)
+    gm_port = stalled.getsockname()[1]
+    sessions = [start_ft(rig, "4242 <127.0.0.1:%d?sock=gm_1> 0" % gm_port) for _ in range(2)]
+    pushers = []
+    for s in sessions:
+        port = tunnel_port_of(s)
+        for _ in range(20):
+            c = socket.create_connection(("127.0.0.1", port), timeout=60)
+            c.setblocking(False)
+            pushers.append([c, 4 << 20])
+
+    def status():
+        out = subprocess.run(rig.flavor.argv("client", "--status", "--json", rig.sock), capture_output=True, timeout=30).stdout
+        return json.loads(out.decode())
+
+    def push_until_the_pool_is_spent():
+        for p in pushers:
+            try:
+                while p[1] > 0:
+                    p[1] -= p[0].send(b"u" * min(p[1], 65536))
+            except BlockingIOError:
+                pass
+        pool = status()["link"]["tunnel_pool"]
+        return pool["granted"] >= pool["size"] and pool
+
+    try:
+        pool = harness.wait_for(push_until_the_pool_is_spent, 120, interval=0.2, what="the proxy's tunnel pool to be spent")
+        now = status()
+        held = sum(s["tunnel_buffered"] for s in now["sessions"])
+        assert sum(s["tunnel_connections"] for s in now["sessions"]) == 40
+        bound = rvgahp.TUNNEL_POOL + 40 * rvgahp.TUNNEL_FLOOR  # 21 MiB, not 40 windows of 2 MiB
+        assert pool["size"] == rvgahp.TUNNEL_POOL and held <= bound, "the proxy holds %d bytes for its GridManager sockets" % held
+    finally:
+        for p in pushers:
+            p[0].close()
+        stalled.close()  # the connections it never accepted are reset: every one ends
+
+    def emptied():
+        now = status()
+        return not any(s["tunnel_connections"] for s in now["sessions"]) and now["link"]["tunnel_pool"]["granted"] == 0
+
+    harness.wait_for(emptied, 120, what="the tunnel connections to end and give their credit back")
+    for s in sessions:
+        s.finish()
+
+
 # --------------------------------------------------------------------------- 12. small things a new user trips on
 
 
 def test_the_top_level_command_names_an_unknown_command_and_itself(tmp_path):
     link = tmp_path / "rvgahp"
-    link.symlink_to(os.path.join(harness.REPO, "rvgahp.py"))
+    link.symlink_to(os.path.join(harness.REPO, "rvgahp_launch.py"))  # the pip install's `rvgahp`
     run = lambda *args: subprocess.run([sys.executable, str(link), *args], capture_output=True, text=True, timeout=30)  # noqa: E731
     bogus = run("bogus")
     assert bogus.returncode == 2 and bogus.stdout == ""

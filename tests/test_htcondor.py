@@ -12,6 +12,8 @@ Slow (a minute to build the root the first time, about as long to start the host
 it is one module-scoped rig, and the tests run in file order: the jobs, the faults, the
 tunnel turned off, and setup again and --remove last. Skipped where it cannot run (no
 root, no Debian mirror), except in CI (CI=true), where that is a failure.
+
+RVGAHP_TIER_REPO=DIR runs the tier on the rvgahp.pyz built from another checkout.
 """
 
 import os
@@ -53,7 +55,13 @@ def rig(request, tmp_path_factory):
         root = htcondor.build_root(say=say)
     except htcondor.Unavailable as e:
         unavailable(str(e))
-    pyz = htcondor.build_pyz(str(tmp_path_factory.mktemp("pyz") / "rvgahp.pyz"))
+    # RVGAHP_TIER_REPO: another checkout's rvgahp (say an old commit's worktree), to see
+    # whether the tier catches what it got wrong.
+    other = os.environ.get("RVGAHP_TIER_REPO")
+    python = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv", "bin", "python")
+    pyz = htcondor.build_pyz(str(tmp_path_factory.mktemp("pyz") / "rvgahp.pyz"), repo=other, python=python)
+    if other:
+        say("\nhtcondor tier: rvgahp from %s" % other)
     r = htcondor.Rig(root, pyz, say=say).start()
     try:
         say("\nhtcondor tier: %s" % r.summary())

@@ -1,5 +1,9 @@
 """rvgahp.pyz as users run it: the sh prologue, the unpacked copy, and the build.
 
+Two archives hold the same launcher (rvgahp_launch.py): the one build_zipapp.sh makes
+with shiv, and the one `rvgahp setup` packs when it runs from a pip install or the
+sources. Each test of a start runs on both: the pip path must start as fast.
+
 The end-to-end files already run every role through the pyz (the pyz and pyz-3.6
 flavors). These tests hold what is particular to the archive: it starts Python isolated
 on the unpacked copy, it unpacks on the first run, a missing interpreter is one clear
@@ -25,14 +29,32 @@ def run(argv, env=None, **kw):
     return subprocess.run(argv, capture_output=True, env=env, timeout=120, **kw)
 
 
+@pytest.fixture(scope="module")
+def pip_pyz():
+    """The rvgahp.pyz that setup packs from a pip install: rvgahp_admin.running_payload()."""
+    directory = harness.short_tempdir("pippyz")
+    path = os.path.join(directory, "rvgahp.pyz")
+    code = "import sys; sys.argv = ['rvgahp']; import rvgahp_admin; sys.stdout.buffer.write(rvgahp_admin.running_payload()[0])"
+    with open(path, "wb") as f:
+        f.write(subprocess.run([sys.executable, "-c", code], cwd=harness.REPO, stdout=subprocess.PIPE, check=True, timeout=120).stdout)
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(params=["shiv", "pip"])
+def archive(request, pyz, pip_pyz):
+    return pyz if request.param == "shiv" else pip_pyz
+
+
 @pytest.fixture
-def home(pyz):
+def home(archive):
     """A fresh shiv cache and a bin directory (with a space in its name) of symlinks to the pyz."""
     top = harness.short_tempdir("zipapp")
     bindir = os.path.join(top, "my bin")
     os.makedirs(bindir)
     for name in ("rvgahp_client", "rvgahp_server", "rvgahp_proxy"):
-        os.symlink(pyz, os.path.join(bindir, name))
+        os.symlink(archive, os.path.join(bindir, name))
     env = dict(os.environ, SHIV_ROOT=os.path.join(top, "shiv"))
     env.pop("SHIV_FORCE_EXTRACT", None)
     yield bindir, env
@@ -83,14 +105,14 @@ def test_first_run_unpacks_and_later_runs_start_isolated_from_the_unpacked_copy(
     assert os.path.exists(os.path.join(unpacked, "__pycache__", "rvgahp.%s.pyc" % tag))
 
 
-def test_a_chain_of_relative_symlinks_still_starts_from_the_unpacked_copy(home, pyz):
+def test_a_chain_of_relative_symlinks_still_starts_from_the_unpacked_copy(home, archive):
     """The prologue follows the links to the archive's own name, which names shiv's
     unpacked copy; where it lost the way, every start would go the slow way round."""
     bindir, env = home
     top = os.path.dirname(bindir)
     for directory in ("a/b", "c"):
         os.makedirs(os.path.join(top, directory))
-    os.symlink(pyz, os.path.join(top, "c", "rvgahp-current.pyz"))
+    os.symlink(archive, os.path.join(top, "c", "rvgahp-current.pyz"))
     os.symlink("../../c/rvgahp-current.pyz", os.path.join(top, "a", "b", "middle"))
     client = os.path.join(top, "a", "rvgahp_client")
     os.symlink("b/middle", client)
@@ -170,11 +192,24 @@ def test_a_missing_interpreter_is_one_line_naming_it(home):
     assert result.stdout == b""
 
 
-def test_python_running_the_archive_still_works(home, pyz):
+def test_python_running_the_archive_still_works(home, archive):
     _, env = home
-    result = run([sys.executable, pyz, "--version"], env=env)
+    result = run([sys.executable, archive, "--version"], env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode() == "rvgahp %s\n" % VERSION
+    setup = run([sys.executable, archive, "setup", "--version"], env=env)
+    assert (setup.returncode, setup.stdout.decode()) == (0, "rvgahp setup %s\n" % VERSION), setup.stderr
+
+
+def test_sessions_starting_at_once_on_a_new_build_all_start(home):
+    """The first start of a build unpacks it; ten at once must each find a whole copy."""
+    bindir, env = home
+    client = os.path.join(bindir, "rvgahp_client")
+    procs = [subprocess.Popen([client, "--version"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) for _ in range(10)]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert (p.returncode, out.decode()) == (0, "rvgahp_client %s\n" % VERSION), err
+    assert len(unpacked_dirs(env)) == 1
 
 
 def test_the_build_is_reproducible_and_still_a_zip(pyz):
