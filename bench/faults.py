@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Fault figures: how fast rvgahp recovers, detects dead links, and how gently it logs in.
 
-    python3 bench/faults.py [--quick] [--python PATH] [--json FILE] [--trials N] [--sessions N]
+    python3 bench/faults.py [--quick] [--only SECTIONS] [--python PATH] [--json FILE]
+                            [--trials N] [--sessions N] [--seed N]
 
 One run starts its own sshd on 127.0.0.1 (tests/loopback.py), runs rvgahp's roles under
 --python (default: this script's interpreter), and measures:
@@ -21,6 +22,18 @@ One run starts its own sshd on 127.0.0.1 (tests/loopback.py), runs rvgahp's role
    drops after 1 s. The target: never more than 6 logins in any minute.
 4. Soak: fds and RSS of the server and the proxy before and after N sequential sessions
    through a fast shell GAHP, sessions per second, and zombies/orphans after.
+5. Hard failover, with the default pings (15 s / 45 s): an active server and a hot standby
+   (a second server, as from a second login node, whose proxy shares the socket). At a
+   random point of the ping cycle, the active node dies with its network: SIGSTOP of its
+   link's ssh client and of the sshd process that serves it (no byte and no EOF reaches
+   the proxy, as when a cable is pulled: TCP stays open and silent), and kill -9 of its
+   server, in that order, within a millisecond. A real rvgahp_client (default wait, as the
+   GridManager starts it) starts at once. The times from the fault until the standby's
+   "link active" line and until that first session's banner, and whether it succeeded
+   (served by the standby), against the goal of 15 s.
+
+--only picks sections: kills (1, with its baseline), hangs (2), storms (3), soak (4),
+failover (5); the default is all of them.
 
 The GAHP everywhere is a two-line shell script (banner, then `cat`), so the figures are
 rvgahp's and ssh's, not a GAHP's start-up. Timings are reported, never asserted; the
@@ -54,6 +67,7 @@ from benchlib import (
 )
 from benchlib import summary as stats
 
+SECTIONS = ("kills", "hangs", "storms", "soak", "failover")
 KILL_TARGETS = ("ssh", "sshd", "proxy")
 METHODS = ("client", "quick")
 METHOD_NAMES = {"client": "rvgahp_client", "quick": "quick_session"}
@@ -598,6 +612,164 @@ def soak(ctx, count, time_limit):
         ctx.drop(rig)
 
 
+# --------------------------------------------------------------------------- 5. hard failover
+
+FAILOVER_GOAL = 15.0  # seconds: the first session after a hard failover succeeds within this
+FAILOVER_LIMIT = 90.0  # a first session with no banner or error by then is a failed trial
+GRIDMANAGER_WAIT = 20.0  # the GridManager's own timeout per command
+
+
+def named_gahp(ctx, name):
+    """A shell GAHP whose banner names the node it runs on, so a session shows who served it."""
+    path = os.path.join(os.path.dirname(ctx.gahp), "gahp-" + name)
+    with open(path, "w") as f:
+        f.write(FAST_GAHP.replace("faults", name))
+    os.chmod(path, 0o755)
+    return path
+
+
+def first_after(events, wall0, pid=None, starts=()):
+    """Seconds from wall0 to the first event at or after it whose message starts with one of
+    `starts` (and from process pid, if given); None if there is none."""
+    for when, _, epid, message in events:
+        if when >= wall0 - 0.001 and (pid is None or epid == pid) and message.startswith(starts):
+            return when - wall0
+    return None
+
+
+def stop_pid(ctx, pid):
+    os.kill(pid, signal.SIGSTOP)
+    ctx.stopped.append(pid)
+
+
+def end_stopped(ctx, pids):
+    """SIGCONT, then SIGKILL: the frozen link's processes, once a trial is over."""
+    for pid in pids:
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        if pid in ctx.stopped:
+            ctx.stopped.remove(pid)
+
+
+def failover_trial(ctx, rng):
+    """One hard failover on a fresh pair of rigs; a dict of what happened, in seconds from the fault."""
+    active = ctx.rig(ping_interval=15, ping_timeout=45, gahp=named_gahp(ctx, "active"))
+    standby = None
+    frozen = []
+    s = None
+    result = {}
+    try:
+        active.start_server()
+        # Only one proxy serves the socket yet: this one is the active link's.
+        active_proxy = active.proxy_pid()
+        standby = ctx.rig(ping_interval=15, ping_timeout=45, gahp=named_gahp(ctx, "standby"))
+        standby.sock, standby.proxy_log = active.sock, active.proxy_log  # a second login node, same socket
+        standby.write_transport()
+        standby.start_server(wait=False)
+        loopback.wait_for(lambda: "link up as a hot standby" in standby.log_text(), 30, what="the standby link")
+        result["server_exe"], result["proxy_exe"] = exe_of(active.server.pid), exe_of(active_proxy)
+        before = active.run_client(input=b"")
+        if b"1.0 active" not in before.stdout:
+            raise RuntimeError("before the fault, a session was not served by the active node: %r" % before.stdout[:200])
+        ssh, sshd_session = active.transport_pid(), active.sshd_session_pid()
+        if not ssh or not sshd_session or not active_proxy or loopback.parent_of(active_proxy) != sshd_session:
+            raise RuntimeError("the active link's processes not found (ssh %s, sshd %s, proxy %s)" % (ssh, sshd_session, active_proxy))
+        result["victims"] = {
+            "ssh": short_command(" ".join(loopback.cmdline(ssh))),
+            "sshd": short_command(" ".join(loopback.cmdline(sshd_session))),
+        }
+        # Users' faults fall anywhere in the ping cycle: how long the link has been quiet
+        # decides whether the first session probes it at once.
+        phase = rng.uniform(0.0, 15.0)
+        result["phase_s"] = phase
+        time.sleep(phase)
+        standby_links = standby.links_up()
+        wall0 = time.time()
+        t0 = time.monotonic()
+        for pid in (ssh, sshd_session):
+            stop_pid(ctx, pid)  # the network is down: nothing moves, nothing closes
+            frozen.append(pid)
+        active.server.kill()  # and the node is gone
+        result["fault_spread_s"] = time.monotonic() - t0
+        s = active.session()  # the GridManager's next GAHP start: the default client wait
+        ctx.sessions.append(s)
+        active.server.wait()
+        try:
+            line = s.banner(timeout=FAILOVER_LIMIT)
+            result["banner_s"] = time.monotonic() - t0
+            result["banner"] = line.strip()[:80]
+            status, err = s.finish(timeout=15)
+        except EOFError:
+            result["ended_s"] = time.monotonic() - t0
+            s.proc.wait(15)
+            status, err = s.proc.returncode, s.stderr_text()
+        except AssertionError as e:  # no line within the limit
+            result["ended_s"] = time.monotonic() - t0
+            status, err = None, "no banner and no error within %g s (%s)" % (FAILOVER_LIMIT, e)
+        result["client_status"] = status
+        result["client_stderr"] = err.strip()[:300]
+        result["served_by_standby"] = result.get("banner", "").startswith("$GahpVersion: 1.0 standby")
+        result["ok"] = result["served_by_standby"] and status == 0
+        try:
+            loopback.wait_for(lambda: "link active: the standby proxy took over" in standby.log_text(), 30, what="the takeover")
+        except AssertionError:
+            pass
+        # Each step, from the logs (wall-clock stamps; the proxies share the socket's log).
+        proxy_events = log_events(read_text(active.proxy_log), "rvgahp_proxy")
+        server_events = log_events(standby.log_text(), "rvgahp_server", standby.server.pid)
+        result["silent_s"] = first_after(proxy_events, wall0, active_proxy, ("link down",))
+        result["silent_line"] = next(
+            (m for w, _, p, m in proxy_events if w >= wall0 - 0.001 and p == active_proxy and m.startswith("link down")), None
+        )
+        others = [e for e in proxy_events if e[2] != active_proxy]  # the standby's proxy
+        result["proxy_took_over_s"] = first_after(others, wall0, None, ("took over", "the rvgahp_proxy serving"))
+        result["takeover_s"] = first_after(server_events, wall0, None, ("link active: the standby proxy took over",))
+        result["standby_session_s"] = first_after(others, wall0, None, ("session ",))
+        result["new_logins"] = standby.links_up() - standby_links
+    finally:
+        if s is not None:
+            ctx.end_session(s)
+        end_stopped(ctx, frozen)
+        for rig in (standby, active):
+            if rig is None:
+                continue
+            for pid in rig.gahp_pids():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            ctx.drop(rig)
+    return result
+
+
+def failovers(ctx, trials, seed, results):
+    """Fill results (so an interrupted run still reports what it measured)."""
+    import random
+
+    rng = random.Random(seed)
+    for trial in range(trials):
+        try:
+            r = failover_trial(ctx, rng)
+        except Exception as e:
+            r = {"failure": "%s: %s" % (type(e).__name__, e)}
+            log("failover %d FAILED: %s" % (trial + 1, r["failure"]))
+        else:
+            log(
+                "failover %d (%.1f s into the ping cycle): standby active after %s s; first session %s after %s s"
+                % (
+                    trial + 1,
+                    r["phase_s"],
+                    "%.2f" % r["takeover_s"] if r.get("takeover_s") is not None else "-",
+                    "served by the standby" if r["ok"] else "FAILED (%s)" % r["client_stderr"][:120],
+                    "%.2f" % r.get("banner_s", r.get("ended_s", 0.0)),
+                )
+            )
+        results.append(r)
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -766,6 +938,74 @@ def report(results):
                 + ", ".join("%d: %d / %d" % (c["sessions"], c["server_rss_kb"], c["proxy_rss_kb"]) for c in s["checkpoints"])
             )
 
+    if "failover" in results:
+        fo = results["failover"]
+        done = [r for r in fo if "failure" not in r]
+        out.append("")
+        out.append(
+            "5. hard failover to a hot standby, default pings 15 s / 45 s (seconds from the fault; %d trials, seed %s)"
+            % (len(fo), results["meta"].get("seed"))
+        )
+        if done:
+            v = done[0]["victims"]
+            out.append(
+                "  fault: SIGSTOP of the active link's %s and %s (network down: no bytes, no EOF), then kill -9" % (v["ssh"], v["sshd"])
+            )
+            out.append(
+                "  of its rvgahp_server, within %.1f ms; a real rvgahp_client (default wait) starts at once"
+                % (1000 * max(r["fault_spread_s"] for r in done))
+            )
+        rows = []
+        steps = [
+            ("active proxy: link down (silent link found)", "silent_s"),
+            ("standby proxy takes the socket", "proxy_took_over_s"),
+            ("standby server: 'link active' (takeover)", "takeover_s"),
+            ("standby proxy starts the first session", "standby_session_s"),
+            ("first session's banner (client)", "banner_s"),
+        ]
+        for name, key in steps:
+            values = [r.get(key) for r in done]
+            st = stats(values)
+            within = sum(1 for x in values if x is not None and x <= FAILOVER_GOAL)
+            rows.append(
+                [name, "%d" % (st["n"] if st else 0)] + cells(st, "%.2f") + ["%d of %d" % (within, len(done)) if key == "banner_s" else ""]
+            )
+        out.append(table(["step", "n", "median", "min", "max", "<= %g s (goal)" % FAILOVER_GOAL], rows))
+        ok = sum(1 for r in done if r["ok"])
+        in_goal = sum(1 for r in done if r["ok"] and r["banner_s"] <= FAILOVER_GOAL)
+        in_gm = sum(1 for r in done if r["ok"] and r["banner_s"] <= GRIDMANAGER_WAIT)
+        out.append(
+            "  first session succeeded (served by the standby, exit 0): %d of %d; within the %g s goal: %d; within the"
+            " GridManager's %g s: %d" % (ok, len(fo), FAILOVER_GOAL, in_goal, GRIDMANAGER_WAIT, in_gm)
+        )
+        out.append(
+            "  goal: the first session after a hard failover succeeds within %g s: %s"
+            % (
+                FAILOVER_GOAL,
+                "met in every trial" if fo and in_goal == len(fo) else "MISSED in %d of %d trials" % (len(fo) - in_goal, len(fo)),
+            )
+        )
+        out.append("  per trial (phase: s into the ping cycle at the fault; new logins by the standby):")
+        for i, r in enumerate(fo):
+            if "failure" in r:
+                out.append("    %d. trial FAILED: %s" % (i + 1, r["failure"][:200]))
+                continue
+            out.append(
+                "    %d. phase %.1f; silent %s, active %s, banner %s; %s; logins %d"
+                % (
+                    i + 1,
+                    r["phase_s"],
+                    "%.2f" % r["silent_s"] if r.get("silent_s") is not None else "-",
+                    "%.2f" % r["takeover_s"] if r.get("takeover_s") is not None else "-",
+                    "%.2f" % r["banner_s"] if r.get("banner_s") is not None else "none (ended at %.2f)" % r.get("ended_s", 0.0),
+                    "ok" if r["ok"] else "FAILED: exit %s, %s" % (r["client_status"], r["client_stderr"][:160] or r.get("banner", "")),
+                    r["new_logins"],
+                )
+            )
+        lines = sorted({r["silent_line"] for r in done if r.get("silent_line")})
+        for line in lines[:3]:
+            out.append("  the active proxy said: %s" % line[:200])
+
     out.append("")
     strays = results.get("leftovers")
     if strays is None:
@@ -783,9 +1023,20 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="2 trials, 30 s login watch, 1000-session soak, no default-ping hang")
     parser.add_argument("--python", default=sys.executable, help="the interpreter for rvgahp's roles (default: this one)")
     parser.add_argument("--json", metavar="FILE", help="also save every figure and trial here")
-    parser.add_argument("--trials", type=int, help="trials per kill target and method, and hang trials (default 5, --quick 2)")
+    parser.add_argument("--trials", type=int, help="trials per kill target and method, hang trials and failovers (default 5, --quick 2)")
     parser.add_argument("--sessions", type=int, help="soak sessions (default 5000, --quick 1000)")
+    parser.add_argument("--only", metavar="SECTIONS", help="a comma-separated subset of: %s (default: all)" % ",".join(SECTIONS))
+    parser.add_argument("--seed", type=int, help="the seed for the failover's fault times (default: from the clock; printed)")
     args = parser.parse_args(argv)
+    if args.only is None:
+        args.sections = SECTIONS
+    else:
+        args.sections = tuple(x.strip() for x in args.only.split(",") if x.strip())
+        unknown = [x for x in args.sections if x not in SECTIONS]
+        if unknown or not args.sections:
+            parser.error("--only %s: the sections are %s" % (args.only, ",".join(SECTIONS)))
+    if args.seed is None:
+        args.seed = int(time.time() * 1000) % 1000000
     if not (os.path.isfile(args.python) and os.access(args.python, os.X_OK)):
         parser.error("--python %s is not an executable file" % args.python)
     args.trials = max(1, min(args.trials or (2 if args.quick else 5), 50))
@@ -803,35 +1054,47 @@ def run(ctx, results):
     meta["sshd_banner"] = sshd_banner(ctx.sshd.port)
     log("sshd on 127.0.0.1:%d (%s); roles under %s" % (ctx.sshd.port, meta["sshd_banner"], args.python))
 
-    log("1. baseline: session start on a healthy link")
-    base = baseline(ctx, args.trials)
-    meta["server_exe"] = base.pop("server_exe")
-    meta["proxy_exe"] = base.pop("proxy_exe")
-    results["baseline"] = base
-    log("1. kill -9 -> working session, %d trials x %d targets x %d methods" % (args.trials, len(KILL_TARGETS), len(METHODS)))
-    results["kills"] = {}
-    kill_trials(ctx, args.trials, results["kills"])
+    if "kills" in args.sections:
+        log("1. baseline: session start on a healthy link")
+        base = baseline(ctx, args.trials)
+        meta["server_exe"] = base.pop("server_exe")
+        meta["proxy_exe"] = base.pop("proxy_exe")
+        results["baseline"] = base
+        log("1. kill -9 -> working session, %d trials x %d targets x %d methods" % (args.trials, len(KILL_TARGETS), len(METHODS)))
+        results["kills"] = {}
+        kill_trials(ctx, args.trials, results["kills"])
 
-    log("2. dead-link detection, pings 1 s / 3 s, %d trials" % args.trials)
-    hangs = results["hangs"] = []
-    for i in range(args.trials):
-        h = hang_trial(ctx, 1, 3)
-        log(
-            "hang %d: client exited after %s s, server 'link down' after %s s"
-            % (i + 1, h.get("client_exit_s"), h.get("server_link_down_s"))
-        )
-        hangs.append(h)
-    if not args.quick:
-        log("2. dead-link detection with the default pings 15 s / 45 s (about a minute)")
-        h = hang_trial(ctx, 15, 45)
-        log("hang: client exited after %s s, server 'link down' after %s s" % (h.get("client_exit_s"), h.get("server_link_down_s")))
-        hangs.append(h)
+    if "hangs" in args.sections:
+        log("2. dead-link detection, pings 1 s / 3 s, %d trials" % args.trials)
+        hangs = results["hangs"] = []
+        for i in range(args.trials):
+            h = hang_trial(ctx, 1, 3)
+            log(
+                "hang %d: client exited after %s s, server 'link down' after %s s"
+                % (i + 1, h.get("client_exit_s"), h.get("server_link_down_s"))
+            )
+            hangs.append(h)
+        if not args.quick:
+            log("2. dead-link detection with the default pings 15 s / 45 s (about a minute)")
+            h = hang_trial(ctx, 15, 45)
+            log("hang: client exited after %s s, server 'link down' after %s s" % (h.get("client_exit_s"), h.get("server_link_down_s")))
+            hangs.append(h)
 
-    log("3. logins per minute while they keep failing: three servers side by side for %g s" % (args.watch + (0 if args.quick else 15)))
-    results["storms"] = login_storms(ctx, args.watch, 0.0 if args.quick else 15.0)
+    if "storms" in args.sections:
+        log("3. logins per minute while they keep failing: three servers side by side for %g s" % (args.watch + (0 if args.quick else 15)))
+        results["storms"] = login_storms(ctx, args.watch, 0.0 if args.quick else 15.0)
 
-    log("4. soak: %d sessions" % args.sessions)
-    results["soak"] = soak(ctx, args.sessions, time_limit=900)
+    if "soak" in args.sections:
+        log("4. soak: %d sessions" % args.sessions)
+        results["soak"] = soak(ctx, args.sessions, time_limit=900)
+
+    if "failover" in args.sections:
+        log("5. hard failover to a hot standby, default pings, %d trials, seed %d" % (args.trials, args.seed))
+        results["failover"] = []
+        failovers(ctx, args.trials, args.seed, results["failover"])
+        seen = [r for r in results["failover"] if "server_exe" in r]
+        if seen and "server_exe" not in meta:
+            meta["server_exe"], meta["proxy_exe"] = seen[0]["server_exe"], seen[0]["proxy_exe"]
 
 
 def main(argv=None):
@@ -846,6 +1109,8 @@ def main(argv=None):
             "cpus": os.cpu_count() or 0,
             "load_start": load_average(),
             "trials": args.trials,
+            "sections": list(args.sections),
+            "seed": args.seed,
         }
     }
     ctx = Context(args)
