@@ -1,16 +1,17 @@
 """rvgahp's one launcher: every way in to rvgahp passes through this file.
 
 - `rvgahp.pyz` run by its name, or by a symlink's (rvgahp_client, ...), as users and
-  HTCondor run it: the archive starts with a short sh prologue (SH_PROLOGUE below) that
-  runs this file's source with `python3 -I -S -c`.
-- `python3 rvgahp.pyz ...`: this file is the archive's __main__.py.
-- `pip install .`: the console scripts call main() here.
+  HTCondor run it: the archive starts with a few lines of sh (SH_PROLOGUE below). They
+  find the copy of the modules unpacked from this build under ~/.shiv, and run
+  run_unpacked() from it with `python3 -I -S`. The first run of a build has no copy yet,
+  and goes the next way instead.
+- `python3 rvgahp.pyz ...`: this file is the archive's __main__.py; start() finds the
+  unpacked copy, unpacking it first if need be.
+- `pip install .`: the `rvgahp` command calls main() here.
 
-It finds the copy of the modules unpacked from the archive (under ~/.shiv, as shiv's own
-bootstrap would put it), unpacking it on the first run of a new build, and then
-dispatches: a role (server, proxy, client) to rvgahp.main, an admin command (setup,
-doctor, print) to rvgahp_admin.main. So rvgahp.py, the relay, never imports the admin's
-tools, and stays one module that runs alone.
+Each ends in dispatch(): a role (server, proxy, client) to rvgahp.main, an admin command
+(setup, doctor, print) to rvgahp_admin.main. So rvgahp.py, the relay, never imports the
+admin's tools, and stays one module that runs alone.
 
 Why the prologue: the client starts once per GAHP session, and `python3 rvgahp.pyz`
 pays for site and for zipimport before any of rvgahp runs. `-I -S` on the unpacked copy
@@ -27,8 +28,9 @@ BUILD_ID = "@BUILD_ID@"
 ADMIN_COMMANDS = ("setup", "doctor", "print")
 MODULES = ("rvgahp.py", "rvgahp_admin.py", "rvgahp_launch.py", "rvgahp_probe.py")
 
-# The first bytes of rvgahp.pyz. `exec` keeps the name the archive was run by, which picks
-# the role; {launcher} is this file's source, quoted for sh by build_pyz().
+# The first bytes of rvgahp.pyz, with {build_id} filled in. The copy's place is the one
+# unpacked_dir() computes: realpath, not the symlink, names it. `exec` keeps the name the
+# archive was run by, which picks the role.
 SH_PROLOGUE = """#!/bin/sh
 # rvgahp.pyz: a zip archive behind this sh prologue, which starts the role fast
 # (see rvgahp_launch.py in the archive). RVGAHP_PYTHON names the interpreter.
@@ -37,7 +39,13 @@ if ! command -v "$py" >/dev/null 2>&1; then
     echo "$0: cannot find $py on PATH ($PATH): install Python 3.6 or newer, or set RVGAHP_PYTHON" >&2
     exit 127
 fi
-exec "$py" -I -S -c '{launcher}' "$0" "$@"
+self=$(readlink -f -- "$0" 2>/dev/null) || self=$0
+copy=${{SHIV_ROOT:-$HOME/.shiv}}/${{self##*/}}_{build_id}/site-packages
+if [ -f "$copy/rvgahp_launch.py" ] && [ -z "$SHIV_FORCE_EXTRACT" ]; then
+    exec "$py" -I -S -c "import sys; sys.path.insert(0, sys.argv.pop(1)); import rvgahp_launch; rvgahp_launch.run_unpacked()" \\
+        "$copy" "$0" "$@"
+fi
+exec "$py" "$0" "$@"
 """
 
 
@@ -123,20 +131,19 @@ def unpack(archive, site_packages):
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def run_unpacked():
+    """The prologue's start, in the unpacked copy: argv is (-c, the name run by, args)."""
+    sys.argv.pop(0)
+    sys.exit(dispatch(sys.argv))
+
+
 def start():
-    """rvgahp.pyz's start, from the sh prologue or as the archive's __main__.py."""
+    """The archive's __main__.py: run from the unpacked copy, unpacking it first if need be."""
     if BUILD_ID == "@BUILD_ID@":  # run from the sources: the modules are beside this file
         sys.exit(dispatch(sys.argv))
-    launched_by_prologue = sys.argv[0] == "-c"
-    if launched_by_prologue:
-        sys.argv.pop(0)  # the prologue put the name we were run by next
     archive = archive_path(sys.argv[0])
     site_packages = unpacked_dir(archive)
-    if not os.path.isfile(os.path.join(site_packages, "rvgahp.py")) or os.environ.get("SHIV_FORCE_EXTRACT"):
-        if launched_by_prologue:
-            # The first run of a new build: unpack with site and the usual environment,
-            # through the archive's __main__.py (this file again).
-            os.execv(sys.executable, [sys.executable] + sys.argv)
+    if not os.path.isfile(os.path.join(site_packages, "rvgahp_launch.py")) or os.environ.get("SHIV_FORCE_EXTRACT"):
         sys.path.insert(0, archive)
         try:
             import _bootstrap  # shiv's: rvgahp.pyz built by build_zipapp.sh
@@ -181,7 +188,7 @@ def build_pyz(members, build_id):
     import zipfile
 
     source = launcher_source(build_id)
-    prologue = SH_PROLOGUE.format(launcher=source.replace("'", "'\"'\"'"))
+    prologue = SH_PROLOGUE.format(build_id=build_id)
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
         for name, data in list(members) + [("__main__.py", source.encode())]:

@@ -749,7 +749,7 @@ class Setup:
             flavor = self.flavor(kind, which)
             directory = None
             if kind in ("pyz", "pip"):
-                directory = python_dir(os.path.join(self.work, "python-" + which), self.pythons[which])
+                directory = python_dir(os.path.join(self.work, "python-%s-%s" % (kind, which)), self.pythons[which])
             options = ["-o", "Ciphers=" + GCM] if gcm else []
             rig = BenchRig(self.sshd, flavor, self.gahp, python_dir=directory, ssh_options=options)
             self.cleanup.callback(rig.cleanup)
