@@ -534,6 +534,8 @@ def test_a_dry_run_logs_in_once_lists_every_step_and_writes_nothing(world):
     out = result.stdout
     for step in ("log in to", "look at the cluster", "host key", "copy rvgahp", "write the cluster's files", "write this host's files"):
         assert step in out
+    # The copy names its destination first, then where it came from (issue 19, item 17).
+    assert "] copy rvgahp %s to ~/bin/rvgahp.pyz on the cluster (from an rvgahp.pyz packed from the modules in " % rvgahp.VERSION in out
     assert re.search(r"would write +~/.rvgahp/rvgahp_ssh\n", out)
     assert re.search(r"would write +~/.ssh/authorized_keys\n", out)
     assert re.search(r"would make +~/.rvgahp/id_ed25519\n", out)
