@@ -942,7 +942,7 @@ def report(results):
 
     if "failover" in results:
         fo = results["failover"]
-        done = [r for r in fo if "failure" not in r]
+        done = [r for r in fo if "ok" in r]  # finished trials (an interrupted one has neither ok nor failure)
         out.append("")
         out.append(
             "5. hard failover to a hot standby, default pings 15 s / 45 s (seconds from the fault; %d trials, seed %s)"
@@ -973,7 +973,8 @@ def report(results):
                 [name, "%d" % (st["n"] if st else 0)] + cells(st, "%.2f") + ["%d of %d" % (within, len(done)) if key == "banner_s" else ""]
             )
         out.append(table(["step", "n", "median", "min", "max", "<= %g s (goal)" % FAILOVER_GOAL], rows))
-        measured = [r for r in fo if r.get("faulted")]  # a trial that failed before the fault measured nothing
+        # A trial that failed before the fault measured nothing; an interrupted one did not finish.
+        measured = [r for r in fo if r.get("faulted") and ("ok" in r or "failure" in r)]
         ok = sum(1 for r in measured if r.get("ok"))
         in_goal = sum(1 for r in measured if r.get("ok") and r["banner_s"] <= FAILOVER_GOAL)
         in_gm = sum(1 for r in measured if r.get("ok") and r["banner_s"] <= GRIDMANAGER_WAIT)
@@ -982,7 +983,7 @@ def report(results):
             " GridManager's %g s: %d" % (ok, len(measured), FAILOVER_GOAL, in_goal, GRIDMANAGER_WAIT, in_gm)
         )
         if len(measured) < len(fo):
-            out.append("  %d trial(s) failed before the fault (the bench's set-up; not counted): see below" % (len(fo) - len(measured)))
+            out.append("  %d trial(s) failed before the fault or were interrupted (not counted): see below" % (len(fo) - len(measured)))
         out.append(
             "  goal: the first session after a hard failover succeeds within %g s: %s"
             % (
@@ -998,6 +999,9 @@ def report(results):
         for i, r in enumerate(fo):
             if "failure" in r:
                 out.append("    %d. trial FAILED: %s" % (i + 1, r["failure"][:200]))
+                continue
+            if "ok" not in r:
+                out.append("    %d. interrupted before it finished" % (i + 1))
                 continue
             out.append(
                 "    %d. quiet %.1f; silent %s, active %s, banner %s; %s; logins %d"
