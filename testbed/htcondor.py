@@ -52,6 +52,7 @@ USER = "alice"
 UID = 2001
 SUBMIT, CLUSTER = "submit", "cluster"
 ADDRESS = {SUBMIT: "192.0.2.1", CLUSTER: "192.0.2.2"}  # TEST-NET-1, inside our namespaces only
+NAMES = {SUBMIT: "submit.example.org", CLUSTER: "login.hpcc.example.edu"}  # the docs' names, in /etc/hosts
 NETNS = {SUBMIT: "rvgahp-ht-submit", CLUSTER: "rvgahp-ht-cluster"}
 VETH = {SUBMIT: "rvght-s", CLUSTER: "rvght-c"}
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -283,7 +284,7 @@ class Host:
         self.write("/etc/hostname", self.name + "\n")
         self.write(
             "/etc/hosts",
-            "127.0.0.1 localhost\n%s %s\n%s %s\n" % (ADDRESS[SUBMIT], SUBMIT, ADDRESS[CLUSTER], CLUSTER),
+            "127.0.0.1 localhost\n" + "".join("%s %s %s\n" % (ADDRESS[h], h, NAMES[h]) for h in (SUBMIT, CLUSTER)),
         )
         os.remove(self.path("usr/sbin/policy-rc.d"))
 
@@ -620,7 +621,7 @@ class Rig:
         s.write(CONDOR_LOCAL, "# setup's block goes here\n", owner=True)
         s.mkdir(HOME + "/.ssh", 0o700, owner=True)
         hostkey = " ".join(self.cluster.read("/etc/ssh/ssh_host_ed25519_key.pub").split()[:2])
-        s.write(HOME + "/.ssh/known_hosts", "%s %s\n" % (ADDRESS[CLUSTER], hostkey), 0o644, owner=True)
+        s.write(HOME + "/.ssh/known_hosts", "%s,%s %s\n" % (ADDRESS[CLUSTER], NAMES[CLUSTER], hostkey), 0o644, owner=True)
         s.mkdir(JOBS_DIR, 0o755, owner=True)
         with open(self.pyz, "rb") as f:
             s.write(PYZ, f.read(), 0o755, owner=True)
@@ -660,9 +661,11 @@ class Rig:
 
     # ---- rvgahp setup
 
-    def setup(self, *args, expect=0):
+    def setup(self, *args, expect=0, by_name=False):
         """`rvgahp setup` as alice on submit, with no terminal, against a password-taking sshd on
-        the cluster that runs only for it. (result, askpass calls)."""
+        the cluster that runs only for it; by_name: the hosts by their NAMES, not addresses.
+        (result, askpass calls)."""
+        where = NAMES if by_name else ADDRESS
         c, s = self.cluster, self.submit
         c.write("/etc/ssh/sshd_config", SUBMIT_SSHD.format(addr=c.addr, password="yes", user=USER))
         proc = c.daemon("sshd", ["/usr/sbin/sshd", "-D", "-e", "-f", "/etc/ssh/sshd_config"])
@@ -671,9 +674,9 @@ class Rig:
             calls = s.path(HOME, ".askpass-calls")
             if os.path.exists(calls):
                 os.remove(calls)
-            argv = ["python3", PYZ, "setup", "--submit-host", "%s@%s" % (USER, s.addr), "--condor-config", CONDOR_LOCAL]
+            argv = ["python3", PYZ, "setup", "--submit-host", "%s@%s" % (USER, where[SUBMIT]), "--condor-config", CONDOR_LOCAL]
             argv += ["--batch-system", "slurm"]  # Debian's condor package puts condor_submit on the cluster too
-            argv += list(args) + ["%s@%s" % (USER, c.addr)]
+            argv += list(args) + ["%s@%s" % (USER, where[CLUSTER])]
             result = s.run(
                 argv,
                 user=USER,
@@ -700,7 +703,7 @@ class Rig:
 
     # ---- jobs
 
-    def submit_jobs(self, count, in_size=1024, out_size=1024, gated=False, extra=""):
+    def submit_jobs(self, count, in_size=1024, out_size=1024, gated=False, extra="", socket=SOCKET):
         """count grid jobs through rvgahp's socket, each with an input file of in_size random
         bytes and an output file of out_size bytes; a Jobs. Gated jobs keep running on the
         cluster until open_gate(jobs)."""
@@ -721,7 +724,7 @@ class Rig:
             "\n".join(
                 [
                     "universe = grid",
-                    "grid_resource = batch slurm " + SOCKET,
+                    "grid_resource = batch slurm " + socket,
                     "executable = job.sh",
                     "arguments = in.$(Process) %d %s" % (out_size, gate),
                     "transfer_input_files = in.$(Process)",

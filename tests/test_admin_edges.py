@@ -5,6 +5,7 @@ path really has: rvgahp.pyz runs on 3.6; `pip install .` needs setuptools>=61, s
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -122,3 +123,36 @@ def test_the_pyz_floor_is_still_3_6():
         pytest.skip("no Python 3.6 here")
     result = subprocess.run([python, ADMIN, "setup", "--version"], stdout=subprocess.PIPE, text=True, timeout=60)
     assert result.stdout == "rvgahp setup %s\n" % rvgahp.VERSION
+
+
+def test_setups_probe_runs_on_3_6_as_setup_sends_it():
+    # rvgahp_probe.py runs on the cluster before rvgahp is there, under whatever Python the
+    # sh finds: the oldest must run it from stdin, and its echo must carry a token back.
+    python = pyenv_python(6)
+    if not python:
+        pytest.skip("no Python 3.6 here")
+    import json
+    import threading
+
+    want = {"blahpd": None, "ft_gahp": None, "blahpd_places": [], "ft_gahp_places": [], "batch": [["sh", "shell"]], "texts": [".bashrc"]}
+    program = rvgahp_admin.probe_program()
+    result = subprocess.run([python, "-", "look", json.dumps(want)], input=program, stdout=subprocess.PIPE, text=True, timeout=60)
+    found = json.loads(result.stdout)
+    assert found["python"] == python and found["version"].startswith("3.6.") and found["batch"] == ["shell"]
+    assert found["blahpd"] == {"path": None, "ok": False, "tried": ["PATH"]} or found["blahpd"]["ok"]
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def echo_once():
+        conn, _ = listener.accept()
+        conn.sendall(conn.recv(100))
+        conn.close()
+
+    t = threading.Thread(target=echo_once, daemon=True)
+    t.start()
+    port = str(listener.getsockname()[1])
+    echoed = subprocess.run([python, "-c", program, "echo", port, "token-1234"], stdout=subprocess.PIPE, text=True, timeout=60)
+    t.join(30)
+    listener.close()
+    assert echoed.stdout == "token-1234\n"
