@@ -33,5 +33,5 @@ cp "$here/rvgahp.py" "$here/rvgahp_admin.py" "$here/rvgahp_launch.py" "$here/rvg
 # rvgahp_launch.py then becomes the archive's __main__.py and, inside a short sh prologue
 # in place of shiv's shebang line, the start of the archive run by its name: both start
 # the role straight from the unpacked copy, and leave shiv's bootstrap to unpack it.
-"$python" -c 'import sys; sys.path.insert(0, sys.argv[1]); import rvgahp_launch; rvgahp_launch.finish_shiv_pyz(sys.argv[2])' "$here" "$out"
+"$python" -c 'import sys; sys.path.insert(0, sys.argv[1]); import rvgahp_admin; rvgahp_admin.finish_shiv_pyz(sys.argv[2])' "$here" "$out"
 echo "built $out ($(wc -c <"$out") bytes)"

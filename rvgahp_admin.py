@@ -621,9 +621,7 @@ class Applier:
 def shiv_copies(pyz):
     """What was unpacked from this rvgahp.pyz ($SHIV_ROOT or ~/.shiv, NAME_BUILDID and its
     lock), as rvgahp_launch.py finds it; [] for no such file."""
-    import rvgahp_launch
-
-    build_id = rvgahp_launch.build_id_of(pyz)
+    build_id = build_id_of(pyz)
     if not build_id:
         return []
     root = os.environ.get("SHIV_ROOT") or os.path.expanduser("~/.shiv")
@@ -853,6 +851,94 @@ def probe_script():
     return PROBE_SH % probe_program().strip()
 
 
+# --------------------------------------------------------------------------- the archive
+# rvgahp.pyz: the sh prologue, then a zip whose __main__.py is rvgahp_launch.py. Made here
+# (build_zipapp.sh finishes shiv's archive with finish_shiv_pyz; setup packs one itself
+# when it runs from a pip install), so the launcher that runs on every start carries none
+# of it.
+
+MODULES = ("rvgahp.py", "rvgahp_admin.py", "rvgahp_launch.py", "rvgahp_probe.py")
+
+# The first bytes of rvgahp.pyz, with {build_id} filled in. The copy's place is the one
+# rvgahp_launch.unpacked_dir() computes: realpath, not the symlink, names it. `exec` keeps the name the
+# archive was run by, which picks the role.
+SH_PROLOGUE = """#!/bin/sh
+# rvgahp.pyz: a zip archive behind this sh prologue, which starts the role fast
+# (see rvgahp_launch.py in the archive). RVGAHP_PYTHON names the interpreter.
+py=${{RVGAHP_PYTHON:-python3}}
+if ! command -v "$py" >/dev/null 2>&1; then
+    echo "$0: cannot find $py on PATH ($PATH): install Python 3.6 or newer, or set RVGAHP_PYTHON" >&2
+    exit 127
+fi
+self=$(readlink -f -- "$0" 2>/dev/null) || self=$0
+copy=${{SHIV_ROOT:-$HOME/.shiv}}/${{self##*/}}_{build_id}/site-packages
+if [ -f "$copy/rvgahp_launch.py" ] && [ -z "$SHIV_FORCE_EXTRACT" ]; then
+    exec "$py" -I -S -c "import sys; sys.path.insert(0, sys.argv.pop(1)); import rvgahp_launch; rvgahp_launch.run_unpacked()" \\
+        "$copy" "$0" "$@"
+fi
+exec "$py" "$0" "$@"
+"""
+
+
+def build_id_of(archive):
+    """The build id of an rvgahp.pyz (from the launcher in its __main__.py); None if it
+    is no such archive."""
+    import re
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(archive) as z:
+            main = z.read("__main__.py").decode("utf-8", "replace")
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return None
+    found = re.search(r'^BUILD_ID = "([0-9a-f]+)"$', main, re.M)
+    return found.group(1) if found else None
+
+
+def launcher_source(build_id):
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "rvgahp_launch.py")) as f:  # beside this file
+        return f.read().replace('BUILD_ID = "@BUILD_ID@"', 'BUILD_ID = "%s"' % build_id, 1)
+
+
+def build_pyz(members, build_id):
+    """The bytes of an rvgahp.pyz: the sh prologue, then a zip of members ((name or
+    ZipInfo, bytes), in the order given; a bare name is dated 1980, so that a build is
+    reproducible) whose __main__.py is the launcher with build_id filled in."""
+    import io
+    import zipfile
+
+    source = launcher_source(build_id)
+    prologue = SH_PROLOGUE.format(build_id=build_id)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in list(members) + [("__main__.py", source.encode())]:
+            if isinstance(name, zipfile.ZipInfo):
+                info = name  # shiv's own entry, dates and all
+            else:
+                info = zipfile.ZipInfo(name, (1980, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.external_attr = 0o644 << 16
+            z.writestr(info, data)
+    return prologue.encode() + out.getvalue()
+
+
+def finish_shiv_pyz(path):
+    """build_zipapp.sh's last step: put the prologue and this launcher into the archive
+    shiv built, keeping shiv's bootstrap and build id."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        build_id = json.loads(z.read("environment.json").decode())["build_id"]
+        members = [(i, z.read(i)) for i in z.infolist() if i.filename != "__main__.py"]
+    data = build_pyz(members, build_id)
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.chmod(path + ".tmp", 0o755)
+    os.replace(path + ".tmp", path)
+    return build_id
+
+
 # --------------------------------------------------------------------------- the payload
 
 
@@ -862,21 +948,19 @@ def running_payload():
     launcher, so that its client starts as fast as one built by build_zipapp.sh."""
     import zipfile
 
-    import rvgahp_launch
-
     argv0 = os.path.realpath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     if argv0 and os.path.isfile(argv0) and zipfile.is_zipfile(argv0):
         with zipfile.ZipFile(argv0) as z:
             if any(n == "rvgahp.py" or n.endswith("/rvgahp.py") for n in z.namelist()):
                 with open(argv0, "rb") as f:
                     return f.read(), argv0
-    here = os.path.dirname(os.path.abspath(rvgahp_launch.__file__))
+    here = os.path.dirname(os.path.abspath(__file__))
     members = []
-    for name in rvgahp_launch.MODULES:
+    for name in MODULES:
         with open(os.path.join(here, name), "rb") as f:
             members.append(("site-packages/" + name, f.read()))
     build_id = hashlib.sha256(b"".join(data for _, data in members)).hexdigest()
-    return rvgahp_launch.build_pyz(members, build_id), "an rvgahp.pyz packed from the modules in %s" % here
+    return build_pyz(members, build_id), "an rvgahp.pyz packed from the modules in %s" % here
 
 
 # --------------------------------------------------------------------------- setup, on the submit host

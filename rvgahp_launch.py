@@ -1,7 +1,8 @@
 """rvgahp's one launcher: every way in to rvgahp passes through this file.
 
 - `rvgahp.pyz` run by its name, or by a symlink's (rvgahp_client, ...), as users and
-  HTCondor run it: the archive starts with a few lines of sh (SH_PROLOGUE below). They
+  HTCondor run it: the archive starts with a few lines of sh (rvgahp_admin.SH_PROLOGUE,
+  which packs archives). They
   find the copy of the modules unpacked from this build under ~/.shiv, and run
   run_unpacked() from it with `python3 -I -S`. The first run of a build has no copy yet,
   and goes the next way instead.
@@ -17,8 +18,8 @@ Why the prologue: the client starts once per GAHP session, and `python3 rvgahp.p
 pays for site and for zipimport before any of rvgahp runs. `-I -S` on the unpacked copy
 skips both; bench/import_costs.py prints what that saves.
 
-Standard library only, Python 3.6+, like rvgahp itself. build_zipapp.sh fills in
-BUILD_ID, and so does `rvgahp setup` when it packs the modules of a pip install.
+Standard library only, Python 3.6+, like rvgahp itself. The archive's copy of this file
+has BUILD_ID filled in (rvgahp_admin.build_pyz, used by build_zipapp.sh and by setup).
 """
 
 import os
@@ -26,28 +27,6 @@ import sys
 
 BUILD_ID = "@BUILD_ID@"
 ADMIN_COMMANDS = ("setup", "doctor", "print")
-MODULES = ("rvgahp.py", "rvgahp_admin.py", "rvgahp_launch.py", "rvgahp_probe.py")
-
-# The first bytes of rvgahp.pyz, with {build_id} filled in. The copy's place is the one
-# unpacked_dir() computes: realpath, not the symlink, names it. `exec` keeps the name the
-# archive was run by, which picks the role.
-SH_PROLOGUE = """#!/bin/sh
-# rvgahp.pyz: a zip archive behind this sh prologue, which starts the role fast
-# (see rvgahp_launch.py in the archive). RVGAHP_PYTHON names the interpreter.
-py=${{RVGAHP_PYTHON:-python3}}
-if ! command -v "$py" >/dev/null 2>&1; then
-    echo "$0: cannot find $py on PATH ($PATH): install Python 3.6 or newer, or set RVGAHP_PYTHON" >&2
-    exit 127
-fi
-self=$(readlink -f -- "$0" 2>/dev/null) || self=$0
-copy=${{SHIV_ROOT:-$HOME/.shiv}}/${{self##*/}}_{build_id}/site-packages
-if [ -f "$copy/rvgahp_launch.py" ] && [ -z "$SHIV_FORCE_EXTRACT" ]; then
-    exec "$py" -I -S -c "import sys; sys.path.insert(0, sys.argv.pop(1)); import rvgahp_launch; rvgahp_launch.run_unpacked()" \\
-        "$copy" "$0" "$@"
-fi
-exec "$py" "$0" "$@"
-"""
-
 
 # --------------------------------------------------------------------------- dispatch
 
@@ -155,68 +134,6 @@ def start():
     compile_once(site_packages)
     sys.path.insert(0, site_packages)
     sys.exit(dispatch(sys.argv))
-
-
-# --------------------------------------------------------------------------- building an archive
-
-
-def build_id_of(archive):
-    """The build id of an rvgahp.pyz (from the launcher in its __main__.py); None if it
-    is no such archive."""
-    import re
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(archive) as z:
-            main = z.read("__main__.py").decode("utf-8", "replace")
-    except (OSError, KeyError, zipfile.BadZipFile):
-        return None
-    found = re.search(r'^BUILD_ID = "([0-9a-f]+)"$', main, re.M)
-    return found.group(1) if found else None
-
-
-def launcher_source(build_id):
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "rvgahp_launch.py")) as f:
-        return f.read().replace('BUILD_ID = "@BUILD_ID@"', 'BUILD_ID = "%s"' % build_id, 1)
-
-
-def build_pyz(members, build_id):
-    """The bytes of an rvgahp.pyz: the sh prologue, then a zip of members ((name or
-    ZipInfo, bytes), in the order given; a bare name is dated 1980, so that a build is
-    reproducible) whose __main__.py is this launcher with build_id filled in."""
-    import io
-    import zipfile
-
-    source = launcher_source(build_id)
-    prologue = SH_PROLOGUE.format(build_id=build_id)
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, data in list(members) + [("__main__.py", source.encode())]:
-            if isinstance(name, zipfile.ZipInfo):
-                info = name  # shiv's own entry, dates and all
-            else:
-                info = zipfile.ZipInfo(name, (1980, 1, 1, 0, 0, 0))
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info.external_attr = 0o644 << 16
-            z.writestr(info, data)
-    return prologue.encode() + out.getvalue()
-
-
-def finish_shiv_pyz(path):
-    """build_zipapp.sh's last step: put the prologue and this launcher into the archive
-    shiv built, keeping shiv's bootstrap and build id."""
-    import json
-    import zipfile
-
-    with zipfile.ZipFile(path) as z:
-        build_id = json.loads(z.read("environment.json").decode())["build_id"]
-        members = [(i, z.read(i)) for i in z.infolist() if i.filename != "__main__.py"]
-    data = build_pyz(members, build_id)
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-    os.chmod(path + ".tmp", 0o755)
-    os.replace(path + ".tmp", path)
-    return build_id
 
 
 if __name__ == "__main__":
