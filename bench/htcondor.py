@@ -164,24 +164,9 @@ class BenchRig(htcondor.Rig):
         s.mkdir(d, 0o755, owner=True)
         s.write(d + "/job.sh", JOB, 0o755, owner=True)
         gate = "/tmp/gate." + name if gated else "-"
-        sub = [
-            "universe = grid",
-            "grid_resource = batch slurm " + self.resource(transport),
-            "executable = job.sh",
-            "arguments = in.%d %d %s $(Process)" % (size, size, gate),
-            "transfer_input_files = %s/in.%d" % (INPUTS, size),
-            "should_transfer_files = YES",
-            "when_to_transfer_output = ON_EXIT",
-            "transfer_output_files = result.txt, big.out",
-            'transfer_output_remaps = "result.txt = result.$(Process); big.out = big.$(Process)"',
-            "output = out.$(Process)",
-            "error = err.$(Process)",
-            "log = job.log",
-            "leave_in_queue = JobStatus == 4",
-            "queue %d" % count,
-            "",
-        ]
-        s.write(d + "/job.sub", "\n".join(sub), owner=True)
+        arguments = "in.%d %d %s $(Process)" % (size, size, gate)
+        sub = htcondor.submit_description(self.resource(transport), arguments, "%s/in.%d" % (INPUTS, size), count)
+        s.write(d + "/job.sub", sub, owner=True)
         started = time.monotonic()
         out = s.run(["condor_submit", "-terse", "job.sub"], user=USER, cwd=d, timeout=300).stdout
         jobs = htcondor.Jobs(int(out.strip().split(".")[0]), d, count, size, size)
@@ -225,15 +210,6 @@ class BenchRig(htcondor.Rig):
         deadline = time.monotonic() + timeout
         while self.q(jobs) and time.monotonic() < deadline:
             time.sleep(1)
-
-    def fresh_gridmanager(self):
-        """kill -9 of every GridManager: the next run starts its GAHPs afresh."""
-        for pid, _ in self.submit.processes("condor_gridmanager"):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        htcondor.wait_for(lambda: not self.submit.processes("condor_gridmanager"), 60, "every GridManager to die")
 
     def link_ssh(self, transport):
         """pids of the ssh processes that carry transport's sessions."""
@@ -280,7 +256,7 @@ def gahp_starts(log):
 
 def one_run(rig, say, transport, count, size, digest, args):
     """One batch through transport: {"time": s or None, "note": text, "gahp": {...}}."""
-    rig.fresh_gridmanager()
+    rig.stop_gridmanagers()
     offset = len(rig.gridmanager_log())
     load = os.getloadavg()[0]
     jobs = rig.bench_submit(transport, count, size, digest)
@@ -314,7 +290,7 @@ def one_run(rig, say, transport, count, size, digest, args):
 def kill_run(rig, say, transport, count, size, digest, kill, args):
     """Gated jobs running under Slurm; the seconds from the gate opening to all Completed, with
     a kill -9 of the link's ssh just before the gate opens when kill is true."""
-    rig.fresh_gridmanager()
+    rig.stop_gridmanagers()
     jobs = rig.bench_submit(transport, count, size, digest, gated=True)
     marker = lambda p: os.path.exists(rig.cluster.path("%s.running.%d" % (jobs.gate, p)))  # noqa: E731
     try:

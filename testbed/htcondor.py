@@ -550,6 +550,30 @@ printf '%s\\n' "$RV_PASSWORD"
 # --------------------------------------------------------------------------- the rig
 
 
+def submit_description(socket, arguments, inputs, count, extra=""):
+    """The submit file of count grid jobs through socket: job.sh with arguments, the input
+    files, and result.txt and big.out back as result.N and big.N."""
+    lines = [
+        "universe = grid",
+        "grid_resource = batch slurm " + socket,
+        "executable = job.sh",
+        "arguments = " + arguments,
+        "transfer_input_files = " + inputs,
+        "should_transfer_files = YES",
+        "when_to_transfer_output = ON_EXIT",
+        "transfer_output_files = result.txt, big.out",
+        'transfer_output_remaps = "result.txt = result.$(Process); big.out = big.$(Process)"',
+        "output = out.$(Process)",
+        "error = err.$(Process)",
+        "log = job.log",
+        "leave_in_queue = JobStatus == 4",
+        extra,
+        "queue %d" % count,
+        "",
+    ]
+    return "\n".join(lines)
+
+
 class Jobs:
     """A submitted cluster of grid jobs: its id, its directory, what each job should produce."""
 
@@ -720,28 +744,7 @@ class Rig:
             s.write("%s/in.%d" % (d, p), data, 0o644, owner=True)
             digests[p] = hashlib.sha256(data).hexdigest()
         s.write(
-            d + "/job.sub",
-            "\n".join(
-                [
-                    "universe = grid",
-                    "grid_resource = batch slurm " + socket,
-                    "executable = job.sh",
-                    "arguments = in.$(Process) %d %s" % (out_size, gate),
-                    "transfer_input_files = in.$(Process)",
-                    "should_transfer_files = YES",
-                    "when_to_transfer_output = ON_EXIT",
-                    "transfer_output_files = result.txt, big.out",
-                    'transfer_output_remaps = "result.txt = result.$(Process); big.out = big.$(Process)"',
-                    "output = out.$(Process)",
-                    "error = err.$(Process)",
-                    "log = job.log",
-                    "leave_in_queue = JobStatus == 4",
-                    extra,
-                    "queue %d" % count,
-                    "",
-                ]
-            ),
-            owner=True,
+            d + "/job.sub", submit_description(socket, "in.$(Process) %d %s" % (out_size, gate), "in.$(Process)", count, extra), owner=True
         )
         out = s.run(["condor_submit", "-terse", "job.sub"], user=USER, cwd=d, timeout=120).stdout
         cluster = int(out.strip().split(".")[0])
@@ -801,6 +804,17 @@ class Rig:
 
     def open_gate(self, jobs):
         self.cluster.write(jobs.gate, "open\n")
+
+    def stop_gridmanagers(self):
+        """kill -9 of every GridManager, until none runs. The schedd may already have let an
+        idle one exit, so none running is fine; the next job's GridManager starts its GAHPs
+        afresh."""
+        for pid, _ in self.submit.processes("condor_gridmanager"):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        wait_for(lambda: not self.submit.processes("condor_gridmanager"), 60, "every GridManager to die")
 
     def wait_gone(self, jobs, timeout=300):
         wait_for(lambda: not self.q(jobs), timeout, "jobs %d to leave the queue" % jobs.cluster, 1)

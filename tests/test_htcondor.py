@@ -168,17 +168,6 @@ FAULTS = (
 )
 
 
-def no_gridmanager(rig):
-    """kill -9 of every GridManager, until none runs. The schedd may already have let an idle
-    one exit, so none running is fine; a job submitted next gets a new one."""
-    for pid, _ in rig.submit.processes("condor_gridmanager"):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    htcondor.wait_for(lambda: not rig.submit.processes("condor_gridmanager"), 60, "every GridManager to die")
-
-
 @pytest.mark.parametrize("fault", FAULTS)
 def test_jobs_running_through_a_kill_all_complete_and_none_is_submitted_twice(rig, fault):
     before = slurm_count(rig)
@@ -217,7 +206,7 @@ def test_with_the_tunnel_off_transfers_go_direct_and_fail_where_no_htcondor_port
         rig.start_server()
         htcondor.wait_for(lambda: link_ups(rig) > ups, 300, "the link to come back")
         del old
-        no_gridmanager(rig)  # the next job's GridManager starts a new ft-gahp session
+        rig.stop_gridmanagers()  # the next job's GridManager starts a new ft-gahp session
         jobs = rig.submit_jobs(1, in_size=1000, out_size=1000)
         rig.wait_jobs(jobs, HELD, timeout=600)
         reason = rig.q(jobs, ("HoldReason",))[0][0]
