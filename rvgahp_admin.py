@@ -38,7 +38,7 @@ import time
 import rvgahp
 from rvgahp import GAHPS, VERSION, Config, Layout, UserError, check_socket_path, host_tag, socket_is_live
 
-COMMANDS = ("setup", "doctor", "print")
+COMMANDS = rvgahp.ADMIN_COMMANDS  # setup, doctor, print
 PRINTABLE = ("transport", "authorized-key", "server-config", "crontab")  # rvgahp print WHAT
 
 CLUSTER_IDENT = "rvgahp_server"  # the cluster account has one transport, so one block of each kind

@@ -26,7 +26,6 @@ import os
 import sys
 
 BUILD_ID = "@BUILD_ID@"
-ADMIN_COMMANDS = ("setup", "doctor", "print")
 
 # --------------------------------------------------------------------------- dispatch
 
@@ -36,7 +35,7 @@ def dispatch(argv):
     import rvgahp
 
     args = argv[1:]
-    if rvgahp.role_of(argv[0]) is None and args and args[0] in ADMIN_COMMANDS:
+    if rvgahp.role_of(argv[0]) is None and args and args[0] in rvgahp.ADMIN_COMMANDS:
         import rvgahp_admin
 
         return rvgahp_admin.main(args)
