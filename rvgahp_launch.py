@@ -126,7 +126,12 @@ def start():
         try:
             import _bootstrap  # shiv's: rvgahp.pyz built by build_zipapp.sh
         except ImportError:
-            unpack(archive, site_packages)
+            try:
+                unpack(archive, site_packages)
+            except OSError:
+                # Nowhere to unpack to (a read-only home): run from the archive, only slower.
+                sys.path.insert(0, os.path.join(archive, "site-packages"))
+                sys.exit(dispatch(sys.argv))
         else:
             _bootstrap.bootstrap()  # unpacks, then calls main() above
             return

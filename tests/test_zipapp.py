@@ -201,6 +201,13 @@ def test_python_running_the_archive_still_works(home, archive):
     assert (setup.returncode, setup.stdout.decode()) == (0, "rvgahp setup %s\n" % VERSION), setup.stderr
 
 
+def test_the_pip_paths_pyz_still_runs_where_it_cannot_unpack(pip_pyz):
+    # A read-only home: the archive runs from itself, only slower, rather than failing.
+    env = dict(os.environ, SHIV_ROOT="/proc/rvgahp-cannot-write-here")
+    result = run([pip_pyz, "--version"], env=env)
+    assert (result.returncode, result.stdout.decode(), result.stderr) == (0, "rvgahp %s\n" % VERSION, b"")
+
+
 def test_sessions_starting_at_once_on_a_new_build_all_start(home):
     """The first start of a build unpacks it; ten at once must each find a whole copy."""
     bindir, env = home
