@@ -839,11 +839,16 @@ echo '{"python": null, "path": "'"$PATH"'"}'
 """
 
 
-def probe_program():
-    """rvgahp_probe.py's source, which setup runs on the cluster: it sits beside this file
-    in the sources, in rvgahp.pyz and in a pip install."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "rvgahp_probe.py")) as f:
+def sibling(name):
+    """The bytes of one of rvgahp's modules, which sit beside this file in the sources, in
+    rvgahp.pyz's unpacked copy and in a pip install."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
         return f.read()
+
+
+def probe_program():
+    """rvgahp_probe.py's source, which setup runs on the cluster."""
+    return sibling("rvgahp_probe.py").decode("utf-8")
 
 
 def probe_script():
@@ -859,9 +864,9 @@ def probe_script():
 
 MODULES = ("rvgahp.py", "rvgahp_admin.py", "rvgahp_launch.py", "rvgahp_probe.py")
 
-# The first bytes of rvgahp.pyz, with {build_id} filled in. The copy's place is the one
-# rvgahp_launch.unpacked_dir() computes: realpath, not the symlink, names it. `exec` keeps the name the
-# archive was run by, which picks the role.
+# The first bytes of rvgahp.pyz, with {build_id} filled in. The copy's place must be the
+# one rvgahp_launch.unpacked_dir() computes: the archive's real name (readlink -f), not a
+# symlink's, names it. `exec` keeps the name the archive was run by, which picks the role.
 SH_PROLOGUE = """#!/bin/sh
 # rvgahp.pyz: a zip archive behind this sh prologue, which starts the role fast
 # (see rvgahp_launch.py in the archive). RVGAHP_PYTHON names the interpreter.
@@ -896,8 +901,8 @@ def build_id_of(archive):
 
 
 def launcher_source(build_id):
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "rvgahp_launch.py")) as f:  # beside this file
-        return f.read().replace('BUILD_ID = "@BUILD_ID@"', 'BUILD_ID = "%s"' % build_id, 1)
+    source = sibling("rvgahp_launch.py").decode("utf-8")
+    return source.replace('BUILD_ID = "@BUILD_ID@"', 'BUILD_ID = "%s"' % build_id, 1)
 
 
 def build_pyz(members, build_id):
@@ -925,7 +930,6 @@ def build_pyz(members, build_id):
 def finish_shiv_pyz(path):
     """build_zipapp.sh's last step: put the prologue and this launcher into the archive
     shiv built, keeping shiv's bootstrap and build id."""
-    import json
     import zipfile
 
     with zipfile.ZipFile(path) as z:
@@ -955,10 +959,7 @@ def running_payload():
                 with open(argv0, "rb") as f:
                     return f.read(), argv0
     here = os.path.dirname(os.path.abspath(__file__))
-    members = []
-    for name in MODULES:
-        with open(os.path.join(here, name), "rb") as f:
-            members.append(("site-packages/" + name, f.read()))
+    members = [("site-packages/" + name, sibling(name)) for name in MODULES]
     build_id = hashlib.sha256(b"".join(data for _, data in members)).hexdigest()
     return build_pyz(members, build_id), "an rvgahp.pyz packed from the modules in %s" % here
 
