@@ -20,6 +20,7 @@ import stat
 import struct
 import subprocess
 import sys
+import time
 
 import harness
 import pytest
@@ -523,6 +524,7 @@ def test_another_uids_connect_send_close_bursts_never_reach_the_gridmanager_and_
 
 def knocked(rig, gm, uid, as_other, tunnel_session):
     s, port = tunnel_session(rig, gm)
+    started = time.monotonic()
     child = as_other(knock(port, BURSTS))
     connected = int(child.finish())
     assert connected > BURSTS // 2, "the bursts mostly failed to connect (%d of %d)" % (connected, BURSTS)
@@ -532,7 +534,10 @@ def knocked(rig, gm, uid, as_other, tunnel_session):
     harness.wait_for(lambda: sum(refused_in_log(rig.log_text(), uid)) >= connected, 60, what="all %d knocks counted" % connected)
     firsts, sums = refused_in_log(rig.log_text(), uid)
     assert firsts + sums == connected, (firsts, sums, connected)
-    assert firsts <= 2, "one line per kind, not one per knock"
+    # At most one line a minute of each kind (two kinds here): on a loaded machine the
+    # knocks can span more than one minute, each of which may begin with its own line.
+    minutes = 1 + int((time.monotonic() - started) // rvgahp.LogSummary.PERIOD) + 1
+    assert firsts <= 2 * minutes, "one line per kind a minute, not one per knock (%d lines in %d minutes)" % (firsts, minutes)
     assert gm.accepted == 0 and gm.headers == [], "a foreign byte reached the GridManager"
     assert rig.server.poll() is None
 
