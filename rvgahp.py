@@ -2275,6 +2275,7 @@ class GahpLauncher:
         self.want_spares = config.number("RVGAHP_SPARE_GAHPS", 1, LIMITS["spare_gahps"]) > 0
         self.spares = {}  # GAHP argv -> Spare: started ahead, for the next session of its kind
         self.wide_pipe_quota = wide_pipe_sessions()  # GAHPs whose pipes may be widened
+        self.socket_dir_failed = set()  # DAEMON_SOCKET_DIRs already logged as impossible to make
 
     def take(self, gahp):
         """(child, its stdout, its stdin, where it came from, argv, config) for a session,
@@ -2369,6 +2370,7 @@ class GahpLauncher:
         if len(self.server.session_of_pid) + len(self.spares) < self.wide_pipe_quota:
             widen_pipe(stdin_w)
             widen_pipe(stdout_r)
+        self.make_daemon_socket_dir(config)
         try:
             pid = spawn(argv, env, self.layout.home, stdin_r, stdout_w, stderr_fd, self.server.die_with_parent)
         except SpawnError as e:
@@ -2379,6 +2381,27 @@ class GahpLauncher:
         child = self.server.children[pid] = Child(self.loop, pid, lambda status: None)
         child.stderr_log = None if stderr_path == os.devnull else stderr_path
         return child, stdout_r, stdin_w
+
+    def make_daemon_socket_dir(self, config):
+        """Make the config's DAEMON_SOCKET_DIR before a GAHP needs it.
+
+        A session's condor_ft-gahp and its spare start together. When the directory is
+        missing, both try to make it, and HTCondor's SharedPortEndpoint gives up in the
+        one whose mkdir lost the race: that GAHP exits 4 before its banner. Seen as a
+        failed setup in a CI run of the HTCondor tier (tests/test_htcondor.py)."""
+        try:
+            path = config.get("DAEMON_SOCKET_DIR")
+        except ConfigError:
+            return  # the GAHP reads the same config, and says what is wrong with it
+        if not path or os.path.isdir(path):
+            return
+        try:
+            os.makedirs(path, 0o700, exist_ok=True)
+            self.log.info("made DAEMON_SOCKET_DIR %s (from %s)" % (path, config.path))
+        except OSError as e:
+            if path not in self.socket_dir_failed:  # once, not at every session start
+                self.socket_dir_failed.add(path)
+                self.log.info("cannot make DAEMON_SOCKET_DIR %s (from %s): %s" % (path, config.path, e.strerror or e))
 
 
 class Server:

@@ -24,16 +24,26 @@ remote step goes through that one connection. On the cluster it runs this same p
 Standard library only; Python 3.6+.
 """
 
+import argparse
+import fcntl
+import getpass
 import hashlib
+import io
 import json
 import os
+import re
+import select
 import shlex
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+import zipfile
 
 import rvgahp
 from rvgahp import GAHPS, VERSION, Config, Layout, UserError, check_socket_path, host_tag, socket_is_live
@@ -61,14 +71,11 @@ FT_GAHP_PLACES = (
 BATCH_SYSTEMS = (("sbatch", "slurm"), ("qsub", "pbs"), ("bsub", "lsf"), ("condor_submit", "condor"))
 
 
+DAEMON_SOCK = "daemon_sock"  # in ~/.rvgahp: the ft-gahps' named sockets (DAEMON_SOCKET_DIR)
+
+
 class StepFailed(UserError):
     """A setup step that cannot go on; its text names what was found and the fix."""
-
-
-def checkpoint(name):
-    """A test hook: RVGAHP_SETUP_KILL_AT=NAME kills this process here, as an interruption would."""
-    if os.environ.get("RVGAHP_SETUP_KILL_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def home_path(path, home=None):
@@ -264,6 +271,8 @@ def server_config_text(blahpd, ft_gahp):
         "LOG = $ENV(HOME)/.rvgahp",
         "FT_GAHP_LOG = $(LOG)/FTGahpLog",
         "BOSCO_SANDBOX_DIR = $ENV(HOME)/bosco/sandbox",
+        "# rvgahp_server makes this before it starts a GAHP.",
+        "DAEMON_SOCKET_DIR = $(LOG)/" + DAEMON_SOCK,
     ]
     return "\n".join(lines) + "\n"
 
@@ -288,8 +297,6 @@ def condor_config_text(client):
 
 def other_remote_gahps(text):
     """[(line number, line)] of each REMOTE_GAHP definition outside setup's blocks."""
-    import re
-
     found = []
     inside = False
     for number, line in enumerate((text or "").splitlines(), 1):
@@ -328,7 +335,6 @@ def atomic_write(path, data, mode):
         os.fchmod(fd, mode)
     finally:
         os.close(fd)
-    checkpoint("write:" + base)
     os.rename(tmp, path)
 
 
@@ -395,13 +401,27 @@ class Applier:
             self.note("kept", path + "/", False)
             return
         if not self.dry_run:
-            if path != os.path.dirname(self.manifest_path):
-                self.record_created(path)
-            os.mkdir(path, mode)
-            os.chmod(path, mode)
             if path == os.path.dirname(self.manifest_path):
-                self.record_created(path)  # the manifest lives in it, so recorded right after
+                self.make_manifest_home(path, mode)
+            else:
+                self.record_created(path)
+                os.mkdir(path, mode)
+                os.chmod(path, mode)
         self.note("created", path + "/", True)
+
+    def make_manifest_home(self, path, mode):
+        """The manifest's own directory (~/.rvgahp) and the record of it, in one rename.
+
+        The manifest lives in it, so the directory cannot be recorded before it exists;
+        made and then recorded, a kill between the two left a directory that the next
+        run took for the user's own and --remove kept. Made under a temporary name with
+        its manifest inside, it appears whole or not at all."""
+        tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + TEMP_SUFFIX)
+        shutil.rmtree(tmp, ignore_errors=True)  # an interrupted run's
+        os.mkdir(tmp, mode)
+        os.chmod(tmp, mode)
+        atomic_write(os.path.join(tmp, MANIFEST), "%s\t%s\n" % (self.ident, path), 0o600)
+        os.rename(tmp, path)
 
     def block(self, path, body, default_mode=0o600, ident=None, sole=False):
         """IDENT's block in path holds body. sole: refuse a file with lines outside any block
@@ -511,7 +531,6 @@ class Applier:
             raise StepFailed("ssh-keygen failed: %s" % last_line(made.stderr))
         public = read_text(tmp + ".pub")
         os.rename(tmp, path)
-        checkpoint("write:" + os.path.basename(path))
         atomic_write(pub, public, 0o644)
         os.unlink(tmp + ".pub")
         self.note("made", path, True)
@@ -536,7 +555,6 @@ class Applier:
                 self.note("kept", "the crontab", False)
                 return
         if not self.dry_run:
-            checkpoint("write:crontab")
             if new is None:
                 done = run(["crontab", "-r"])
             else:
@@ -554,9 +572,13 @@ class Applier:
                 continue
             for name in names:
                 if name.startswith(".") and TEMP_SUFFIX in name:
+                    path = os.path.join(directory, name)
                     if not self.dry_run:
-                        os.unlink(os.path.join(directory, name))
-                    self.note("removed", os.path.join(directory, name), True)
+                        if os.path.isdir(path) and not os.path.islink(path):
+                            shutil.rmtree(path, ignore_errors=True)  # a ~/.rvgahp being made
+                        else:
+                            os.unlink(path)
+                    self.note("removed", path, True)
 
     def remove_created(self):
         """Delete what this ident created and no other ident shares, deepest first."""
@@ -581,8 +603,6 @@ class Applier:
         removed = ("would remove" if self.dry_run else "removed", home_path(pyz, self.home)) in self.report
         if not copies or not (removed or not os.path.lexists(pyz)):
             return
-        import shutil
-
         for path in copies:
             if os.path.isdir(path) and not os.path.islink(path):
                 if not self.dry_run:
@@ -664,7 +684,8 @@ def last_line(text):
 
 
 def runtime_files(dot):
-    """What a server leaves in ~/.rvgahp (its pid files and logs, the GAHPs' stderr)."""
+    """What a server leaves in ~/.rvgahp: its pid files and logs, the GAHPs' stderr, the
+    ft-gahp's log, and the DAEMON_SOCKET_DIR that setup's config names (a directory)."""
     found = []
     try:
         names = os.listdir(dot)
@@ -672,15 +693,13 @@ def runtime_files(dot):
         return found
     for name in names:
         server_file = name.startswith("rvgahp_server.") and (name.endswith(".pid") or ".log" in name)
-        if server_file or name.startswith(("gahp_stderr.", "FTGahpLog")):
+        if server_file or name.startswith(("gahp_stderr.", "FTGahpLog")) or name == DAEMON_SOCK:
             found.append(os.path.join(dot, name))
     return found
 
 
 def server_state():
     """(pid or None, pid file) of the server on this host: the pid file's lock says if it runs."""
-    import fcntl
-
     path = Layout().pid_file
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -700,8 +719,6 @@ def servers_elsewhere(dot):
     """[(host tag, pid, pid file)] of the servers another login node sharing this HOME
     runs (a standby): their pid file is locked, and they use the files --remove deletes.
     Setup cannot signal a process on another host."""
-    import fcntl
-
     found = []
     mine = os.path.basename(Layout().pid_file)
     try:
@@ -756,8 +773,6 @@ def start_server(python):
 
 def cluster_apply(plan):
     """Everything setup does on the cluster, from a plan made on the submit host."""
-    if plan.get("kill_at"):
-        os.environ["RVGAHP_SETUP_KILL_AT"] = plan["kill_at"]
     home = os.path.expanduser("~")
     dot = os.path.join(home, ".rvgahp")
     bindir = os.path.join(home, "bin")
@@ -802,7 +817,10 @@ def cluster_apply(plan):
         a.remove_temporaries([home, dot, bindir])
         for path in runtime_files(dot):  # the server's logs and pid files go with it
             if not a.dry_run:
-                os.unlink(path)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.unlink(path)
             a.note("removed", path, True)
         pyz = os.path.join(bindir, "rvgahp.pyz")
         copies = shiv_copies(pyz)
@@ -888,9 +906,6 @@ exec "$py" "$0" "$@"
 def build_id_of(archive):
     """The build id of an rvgahp.pyz (from the launcher in its __main__.py); None if it
     is no such archive."""
-    import re
-    import zipfile
-
     try:
         with zipfile.ZipFile(archive) as z:
             main = z.read("__main__.py").decode("utf-8", "replace")
@@ -909,9 +924,6 @@ def build_pyz(members, build_id):
     """The bytes of an rvgahp.pyz: the sh prologue, then a zip of members ((name or
     ZipInfo, bytes), in the order given; a bare name is dated 1980, so that a build is
     reproducible) whose __main__.py is the launcher with build_id filled in."""
-    import io
-    import zipfile
-
     source = launcher_source(build_id)
     prologue = SH_PROLOGUE.format(build_id=build_id)
     out = io.BytesIO()
@@ -930,8 +942,6 @@ def build_pyz(members, build_id):
 def finish_shiv_pyz(path):
     """build_zipapp.sh's last step: put the prologue and this launcher into the archive
     shiv built, keeping shiv's bootstrap and build id."""
-    import zipfile
-
     with zipfile.ZipFile(path) as z:
         build_id = json.loads(z.read("environment.json").decode())["build_id"]
         members = [(i, z.read(i)) for i in z.infolist() if i.filename != "__main__.py"]
@@ -950,8 +960,6 @@ def running_payload():
     """(bytes, description) of the rvgahp to install: the running .pyz itself, or, run from
     the sources or a pip install, an rvgahp.pyz packed from the same modules by the same
     launcher, so that its client starts as fast as one built by build_zipapp.sh."""
-    import zipfile
-
     argv0 = os.path.realpath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     if argv0 and os.path.isfile(argv0) and zipfile.is_zipfile(argv0):
         with zipfile.ZipFile(argv0) as z:
@@ -1010,8 +1018,6 @@ class Remote:
     """One ssh login to the cluster (a ControlMaster on a private path); every step rides it."""
 
     def __init__(self, destination, port, options):
-        import tempfile
-
         self.destination = destination
         self.base = (["-p", str(port)] if port else []) + [w for o in options for w in ("-o", o)]
         self.dir = tempfile.mkdtemp(prefix="rvgahp-setup-")  # 0700: nobody else may use the master
@@ -1074,8 +1080,6 @@ class Remote:
             raise StepFailed("the cluster did not answer within %d s: %s" % (timeout, command[:60]))
 
     def close(self):
-        import shutil
-
         if self.up:
             subprocess.call(
                 ["ssh", "-o", "ControlPath=" + self.control, "-O", "exit", self.destination],
@@ -1091,8 +1095,6 @@ class Remote:
 def read_banner(child, deadline):
     """(stdout, stderr) of a session's client, read as they come until its first stdout line is
     whole, or until both end (then the client is leaving: its last words are in stderr)."""
-    import select
-
     got = {child.stdout: b"", child.stderr: b""}
     files = list(got)
     while files and b"\n" not in got[child.stdout]:
@@ -1133,8 +1135,6 @@ class Setup:
     STEPS = ("login", "probe", "hostkey", "copy", "cluster-files", "submit-files", "start", "link", "prove")
 
     def __init__(self, opts):
-        import getpass
-
         self.opts = opts
         self.dry = opts.dry_run
         self.home = os.path.expanduser("~")
@@ -1160,7 +1160,6 @@ class Setup:
     def step(self, name, text):
         self.step_no += 1
         self.current = text
-        checkpoint("step:" + name)
         self.say("[%d/%d] %s" % (self.step_no, len(self.STEPS) if not self.opts.remove else 4, text))
 
     def detail(self, report):
@@ -1300,7 +1299,6 @@ class Setup:
         }
 
     def cluster_call(self, plan):
-        plan = dict(plan, kill_at=os.environ.get("RVGAHP_SETUP_KILL_AT"))
         runner = shlex.quote(self.found["python"])
         target = self.staged if plan["action"] == "install" else "bin/rvgahp.pyz"
         done = self.remote.run("%s %s setup --cluster-side" % (runner, target), stdin=json.dumps(plan))
@@ -1472,8 +1470,6 @@ class Setup:
 
     def tunnel(self, listener, said, deadline):
         """A token sent to the session's Allocated port on the cluster comes back from listener here."""
-        import threading
-
         allocated = [line.split()[2] for line in said.splitlines() if line.startswith("Allocated port ")]
         if not allocated:
             if "rvgahp_client: warning:" not in said:
@@ -1566,7 +1562,7 @@ class Setup:
                 if not self.dry:
                     os.unlink(self.sock + suffix)
                 a.note("removed", self.sock + suffix, True)
-        a.remove_temporaries([os.path.join(self.home, d) for d in (".rvgahp", "bin", ".ssh")])
+        a.remove_temporaries([self.home] + [os.path.join(self.home, d) for d in (".rvgahp", "bin", ".ssh")])
         pyz = os.path.join(self.bin, "rvgahp.pyz")
         copies = shiv_copies(pyz)
         a.remove_created()
@@ -1578,8 +1574,6 @@ class Setup:
 
 
 def setup_main(args):
-    import argparse
-
     if args == ["--cluster-side"]:
         return setup_remote_main()
 
@@ -1739,8 +1733,6 @@ class Doctor:
         )
 
     def remote_gahp(self, client):
-        import shutil
-
         if not shutil.which("condor_config_val"):
             self.add("REMOTE_GAHP", None, "not checked: condor_config_val is not on PATH")
             return
@@ -1997,8 +1989,6 @@ def parse_transport(text):
 
 
 def doctor_main(args):
-    import argparse
-
     parser = argparse.ArgumentParser(
         prog="rvgahp doctor", description="Check this host's rvgahp setup: one line per check, and a fix for each failure."
     )
@@ -2057,8 +2047,6 @@ Each takes --help.
 
 
 def print_main(args):
-    import argparse
-
     if args in (["--help"], ["-h"]):
         sys.stdout.write(PRINT_USAGE)
         return 0
@@ -2093,8 +2081,6 @@ def print_main(args):
         parser.add_argument("--python", metavar="PATH", help="start the server with this interpreter rather than the python3 on PATH")
     opts = parser.parse_args(args)
     if what == "transport":
-        import getpass
-
         submit = parse_destination(opts.submit, "submit host", default_user=getpass.getuser())
         text = put_block(None, CLUSTER_IDENT, transport_text(submit, os.path.abspath(opts.socket), opts.proxy))
     elif what == "authorized-key":

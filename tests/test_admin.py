@@ -15,6 +15,7 @@ fresh test machine, and these tests check the crontab's text, not cron's clock),
 import hashlib
 import json
 import os
+import pprint
 import pwd
 import random
 import re
@@ -34,10 +35,11 @@ import rvgahp
 import rvgahp_admin
 
 ADMIN = os.path.join(harness.REPO, "rvgahp_admin.py")
+INTERRUPT = os.path.join(harness.REPO, "tests", "interrupt")  # a sitecustomize that kills setup at a named point
 PYTHON = "/usr/bin/python3"  # the users' python: /root's interpreters are out of their reach
 SUB, CLA, CLB = "rvadsub", "rvadcla", "rvadclb"
 SEED = int(os.environ.get("RVGAHP_TEST_SEED", "9"))
-RUNTIME = re.compile(r"^(rvgahp_server\..*\.(pid|log(\.1)?)|gahp_stderr\..*|FTGahpLog.*|.*\.sock(\.lock|\.log(\.1)?)?)$")
+RUNTIME = re.compile(r"^(rvgahp_server\..*\.(pid|log(\.1)?)|gahp_stderr\..*|FTGahpLog.*|daemon_sock|.*\.sock(\.lock|\.log(\.1)?)?)$")
 
 
 def missing_tools():
@@ -62,10 +64,11 @@ pytestmark = pytest.mark.skipif(missing_tools() is not None, reason=missing_tool
 class PasswordSshd(harness.Sshd):
     """The harness's sshd, with password logins and per-user authorized_keys, for our users only."""
 
-    def __init__(self, users, path):
+    def __init__(self, users, path, kill_at_file):
         super().__init__()
         self.users = users
         self.path = path
+        self.kill_at_file = kill_at_file
 
     def config_lines(self):
         return self.base_config() + [
@@ -75,7 +78,9 @@ class PasswordSshd(harness.Sshd):
             "UsePAM no",
             "StrictModes yes",
             "AllowUsers %s" % " ".join(self.users),
-            "SetEnv PATH=%s" % self.path,
+            # The interruption tests' fault injector (tests/interrupt), for every command
+            # setup runs on a cluster; it does nothing while the file is empty.
+            "SetEnv PATH=%s PYTHONPATH=%s RVGAHP_TEST_KILL_AT_FILE=%s" % (self.path, INTERRUPT, self.kill_at_file),
             "PrintMotd no",
             "MaxStartups 100:30:200",
             "LogLevel VERBOSE",
@@ -83,8 +88,10 @@ class PasswordSshd(harness.Sshd):
 
 
 CRONTAB = """#!/bin/sh
-# A file-backed crontab: -l, -r, and a new table from a file or stdin.
+# A file-backed crontab: -l, -r, and a new table from a file or stdin. When the
+# interruption tests name write:crontab, a write kills setup (the parent) first.
 f={dir}/$(id -un)
+case "$1" in -|-r) [ "$(cat {kill_at_file} 2>/dev/null)" = write:crontab ] && kill -9 $PPID && exit 1 ;; esac
 case "$1" in
     -l) [ -f "$f" ] && exec cat "$f"; echo "no crontab for $(id -un)" >&2; exit 1 ;;
     -r) [ -f "$f" ] && exec rm -f "$f"; echo "no crontab for $(id -un)" >&2; exit 1 ;;
@@ -166,7 +173,9 @@ class World:
         os.chmod(self.bin, 0o755)
         os.chmod(self.crondir, 0o1777)
         self.remote_gahp_file = os.path.join(self.dir, "remote_gahp")
-        write(os.path.join(self.bin, "crontab"), CRONTAB.format(dir=self.crondir), 0o755)
+        self.kill_at_file = os.path.join(self.dir, "kill_at")  # a point for the cluster side (tests/interrupt)
+        write(self.kill_at_file, "", 0o644)
+        write(os.path.join(self.bin, "crontab"), CRONTAB.format(dir=self.crondir, kill_at_file=self.kill_at_file), 0o755)
         write(os.path.join(self.bin, "condor_config_val"), CONDOR_CONFIG_VAL.format(file=self.remote_gahp_file), 0o755)
         write(os.path.join(self.dir, "askpass"), ASKPASS, 0o755)
         self.path = "%s:/usr/local/bin:/usr/bin:/bin" % self.bin
@@ -176,7 +185,7 @@ class World:
             subprocess.check_call(["useradd", "-m", "-s", "/bin/bash", name])
             self.passwords[name] = "pw-%08x" % self.rng.getrandbits(32)
             subprocess.run(["chpasswd"], input=("%s:%s\n" % (name, self.passwords[name])).encode(), check=True)
-        self.sshd = PasswordSshd([SUB, CLA, CLB], self.path).start()
+        self.sshd = PasswordSshd([SUB, CLA, CLB], self.path, self.kill_at_file).start()
         self.port = self.sshd.port
         sub = pwd.getpwnam(SUB)
         # The submit user has logged in to the clusters before: their host key is known.
@@ -280,9 +289,17 @@ class World:
             RV_PASSWORD=self.passwords[cluster],
             TMPDIR=self.tmp,
         )
-        if kill_at:
-            env["RVGAHP_SETUP_KILL_AT"] = kill_at
-        result = self.as_user(SUB, argv, **env)
+        if kill_at:  # (host, point): see tests/interrupt/sitecustomize.py
+            host, point = kill_at
+            env["PYTHONPATH"] = INTERRUPT
+            if host == "submit":
+                env["RVGAHP_TEST_KILL_AT"] = point
+            else:
+                write(self.kill_at_file, point, 0o644)
+        try:
+            result = self.as_user(SUB, argv, **env)
+        finally:
+            write(self.kill_at_file, "", 0o644)
         self.end_leftover_masters()
         try:
             with open(log) as f:
@@ -785,14 +802,17 @@ def test_doctor_names_each_fault_and_its_fix(world):
 
 # --------------------------------------------------------------------------- interruptions
 
-KILL_POINTS = ["step:" + s for s in rvgahp_admin.Setup.STEPS] + [
-    "write:setup-created",  # the first record of a created path (on the cluster)
-    "write:id_ed25519",  # between the key's two halves
-    "write:condor_config.rvgahp",
-    "write:rvgahp_ssh",
-    "write:crontab",
-    "write:rvgahp.pyz",  # on the submit host
-    "write:authorized_keys",
+# (host, point): where setup is killed, by tests/interrupt/sitecustomize.py and the crontab stub.
+KILL_POINTS = [("submit", "step:" + s) for s in rvgahp_admin.Setup.STEPS] + [
+    ("cluster", "write:setup-created"),  # the first record of a created path
+    ("cluster", "write:id_ed25519.pub"),  # between the key's two halves
+    ("cluster", "write:condor_config.rvgahp"),
+    ("cluster", "write:rvgahp_ssh"),
+    ("cluster", "write:rvgahp.pyz"),  # the staged copy, put in place
+    ("cluster", "write:crontab"),
+    ("submit", "write:setup-created"),
+    ("submit", "write:rvgahp.pyz"),
+    ("submit", "write:authorized_keys"),
 ]
 
 
@@ -807,7 +827,7 @@ def reference(world):
     return before, after
 
 
-@pytest.mark.parametrize("kill_at", KILL_POINTS)
+@pytest.mark.parametrize("kill_at", KILL_POINTS, ids=["%s-%s" % k for k in KILL_POINTS])
 def test_an_interrupted_setup_leaves_whole_files_and_the_next_run_completes(world, reference, kill_at):
     before, after = reference
     try:
@@ -832,7 +852,8 @@ def interrupted_then_completed(world, before, after, kill_at):
             assert value in whole, "%s: %s is half-written after a kill at %s" % (user, path, kill_at)
     result, calls = world.setup()
     assert calls == 1
-    assert world.state(runtime=False, normalize=True) == after
+    changed = differences(after, world.state(runtime=False, normalize=True))
+    assert not changed, "after a kill at %s and a second run:\n%s" % (kill_at, pprint.pformat(changed))
     works(world)
 
 

@@ -17,6 +17,7 @@ RVGAHP_TIER_REPO=DIR runs the tier on the rvgahp.pyz built from another checkout
 """
 
 import os
+import shutil
 import signal
 import sys
 import time
@@ -187,6 +188,24 @@ def test_jobs_running_through_a_kill_all_complete_and_none_is_submitted_twice(ri
         htcondor.wait_for(lambda: link_ups(rig) > ups, 300, "the link to come back; server log:\n" + rig.server_log()[-2000:])
     rig.open_gate(jobs)
     finished(rig, jobs, before)
+
+
+def test_ft_gahps_that_start_together_with_no_daemon_socket_dir_all_give_banners(rig):
+    """Sessions' ft-gahps and their spare start together. When DAEMON_SOCKET_DIR is
+    missing, HTCondor's SharedPortEndpoint in each tries to make it, and the one whose
+    mkdir loses exits 4 before its banner: a CI run's setup failed so. The server makes
+    the directory first."""
+    sock_dir = rig.cluster.path(htcondor.HOME, ".rvgahp/daemon_sock")
+    ups = link_ups(rig)
+    kill_one(rig.cluster, "rvgahp_server")  # and with it its spares, which hold the directory
+    shutil.rmtree(sock_dir, ignore_errors=True)
+    rig.start_server()
+    htcondor.wait_for(lambda: link_ups(rig) > ups, 300, "the link to come back")
+    assert not os.path.exists(sock_dir), "something made %s before any GAHP started" % sock_dir
+    one = "echo QUIT | %s/bin/rvgahp_client %s condor_ft-gahp 2>&1" % (htcondor.HOME, htcondor.SOCKET)
+    out = rig.submit.run(["sh", "-c", "for i in 1 2 3 4; do (%s) & done; wait" % one], user=htcondor.USER, timeout=180).stdout
+    assert out.count("$GahpVersion") == 4, out
+    assert "made DAEMON_SOCKET_DIR" in rig.server_log()
 
 
 # --------------------------------------------------------------------------- the tunnel off, setup again, --remove

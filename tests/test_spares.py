@@ -90,3 +90,27 @@ def test_spares_can_be_turned_off(make_rig):
     gahp_pid(rig)
     harness.wait_for(lambda: rig.gahp_pids() == [], 15, what="no GAHP left running")
     assert "a spare started" not in rig.log_text()
+
+
+def test_the_server_makes_daemon_socket_dir_before_a_gahp_and_its_spare_start_together(make_rig):
+    """A session's ft-gahp and its spare start together; HTCondor's ft-gahps that both
+    find DAEMON_SOCKET_DIR missing race to make it, and the loser exits 4 (a CI run of
+    the HTCondor tier failed setup so). The server makes it first; where it cannot, the
+    session still starts, and the log says why once, not at every start."""
+    made = "$ENV(HOME)/.rvgahp/daemon_sock"
+    rig = make_rig(config_extra="DAEMON_SOCKET_DIR = %s\n" % made)
+    rig.start_server()
+    path = os.path.join(rig.home, ".rvgahp", "daemon_sock")
+    assert not os.path.exists(path)
+    gahp_pid(rig, "condor_ft-gahp")
+    assert os.path.isdir(path) and os.stat(path).st_mode & 0o777 == 0o700
+    assert rig.log_text().count("made DAEMON_SOCKET_DIR %s" % path) == 1
+
+    blocked = os.path.join(rig.home, "a-file")
+    with open(blocked, "w"):
+        pass
+    with open(rig.config, "a") as f:
+        f.write("DAEMON_SOCKET_DIR = %s/sock\n" % blocked)
+    for _ in range(2):
+        gahp_pid(rig, "condor_ft-gahp")
+    assert rig.log_text().count("cannot make DAEMON_SOCKET_DIR %s/sock" % blocked) == 1
