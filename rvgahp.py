@@ -295,6 +295,15 @@ def path_problem(path):
     return None
 
 
+def transport_problem(path):
+    """What keeps /bin/sh from running the transport script at path, or None: it must be
+    a file this user may read (sh reads it; it need not be executable)."""
+    problem = path_problem(path)
+    if problem is None and not os.access(path, os.R_OK):
+        problem = "Permission denied (uid %d may not read it)" % os.getuid()
+    return problem
+
+
 def open_private(path, flags, what):
     """Open (creating 0600) a file of ours in a directory others may write to.
 
@@ -2073,7 +2082,7 @@ class LinkKeeper:
             self.server.exit_status = 1
             self.server.shutdown()
             return
-        problem = path_problem(transport)
+        problem = transport_problem(transport)
         if problem:
             self._cannot_start("cannot run transport %s: %s" % (transport, problem))
             return
@@ -4527,7 +4536,7 @@ def server_main(args):
     log.verbose = opts.verbose
     layout = Layout(opts.basedir or os.environ.get("BLAHPD_LOCATION") or None, opts.config, opts.transport)
     config = Config.load(layout.config)
-    problem = path_problem(layout.transport)
+    problem = transport_problem(layout.transport)
     if problem:
         raise UserError("cannot run transport %s: %s; rvgahp setup writes it (or see docs/setup-by-hand.md)" % (layout.transport, problem))
     max_log = config.number("RVGAHP_LOG_MAX_SIZE", 10 * 1000 * 1000, LIMITS["log_max_size"])

@@ -4,8 +4,9 @@ real HTCondor found, each replayed with real processes over the real sshd.
 - a session start refused after its GAHP was taken leaves no GAHP behind;
 - every number from outside goes through one checked parser;
 - a bad boolean in the config stops the server at start, at file:line;
-- each file rvgahp reads or writes, found to be a directory, a FIFO, a device, a socket
-  or a dangling symlink, gives one line that names the path and what it is;
+- each file rvgahp reads or writes, found to be a directory, a FIFO, a device, a socket,
+  a dangling symlink or (at start) unreadable, gives one line that names the path and
+  what it is;
 - a GAHP that dies before its banner is explained on the client's stderr before the
   GridManager sees EOF, since HTCondor builds the resource's reason from those lines;
 - a server whose transport or config is removed says so once and exits.
@@ -14,6 +15,7 @@ real HTCondor found, each replayed with real processes over the real sshd.
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import stat
@@ -238,6 +240,44 @@ def test_files_a_session_needs_that_turn_into_other_things_while_running_refuse_
             assert words in line, (what, line)
         assert rig.server.poll() is None
         assert_still_serving(rig)
+
+
+@pytest.mark.parametrize("which", ["config", "transport", "log file", "pid file"])
+def test_a_file_of_the_servers_it_may_not_open_is_one_line_at_start(which):
+    """Unreadable (mode 000) is a kind too. Root opens any file, so the server runs as
+    nobody here, in a home of nobody's own."""
+    from test_hardening import NOBODY
+
+    if os.geteuid() != 0:
+        pytest.skip("running the server as another uid needs root")
+    home = harness.short_tempdir("ur")
+    dot = os.path.join(home, ".rvgahp")
+    os.mkdir(dot, 0o700)
+    paths = {
+        "config": os.path.join(dot, "condor_config.rvgahp"),
+        "transport": os.path.join(dot, "rvgahp_ssh"),
+        "log file": os.path.join(home, "server.log"),
+        "pid file": os.path.join(dot, "rvgahp_server.%s.pid" % rvgahp.host_tag()),
+    }
+    texts = {"config": "BATCH_GAHP = %s\n" % harness.TESTGAHP, "transport": "exit 1\n", "log file": "", "pid file": ""}
+    for name, path in paths.items():
+        with open(path, "w") as f:
+            f.write(texts[name])
+        os.chmod(path, 0o000 if name == which else 0o600)
+    for root, _dirs, files in os.walk(home):
+        for name in [root] + [os.path.join(root, n) for n in files]:
+            os.chown(name, NOBODY, NOBODY)
+    argv = ["setpriv", "--reuid=%d" % NOBODY, "--regid=%d" % NOBODY, "--clear-groups"]
+    argv += ["env", "-i", "HOME=" + home, "PATH=/usr/bin:/bin", "/usr/bin/python3", rvgahp.__file__, "server"]
+    argv += ["-l", paths["log file"]]
+    try:
+        result = subprocess.run(argv, capture_output=True, timeout=60)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    assert result.returncode == 1, result
+    line = one_line(result)
+    assert paths[which] in line and "Permission denied" in line, line
+    assert "Traceback" not in result.stderr.decode()
 
 
 # --------------------------------------------------------------------------- 18. a GAHP that dies before its banner
