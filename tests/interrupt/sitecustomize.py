@@ -50,9 +50,9 @@ def kill_before_rename_onto(name):
 def kill_at_step(name):
     def watch(frame, event, arg):
         code = frame.f_code
-        if event == "call" and code.co_name == "step" and code.co_filename.endswith("rvgahp_admin.py"):
-            if frame.f_locals.get("name") == name:
-                die()
+        in_step = event == "call" and code.co_name == "step" and code.co_filename.endswith("rvgahp_admin.py")
+        if in_step and frame.f_locals.get("name") == name:
+            die()
 
     sys.setprofile(watch)
 
