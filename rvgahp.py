@@ -457,16 +457,31 @@ class Config:
             defs = [d for d in defs if d[0] < before]
         return defs[-1] if defs else None
 
-    def _expand(self, key, definition, stack):
+    def get_all_here(self, name):
+        """As get, but None unless NAME and every macro it uses are defined in this file.
+
+        HTCondor gives many names built-in values (LOG, LOCK, RUN) that a GAHP reading
+        this file sees and this parser cannot: with one of those left out, the value here
+        is not the one the GAHP will use."""
+        found = self._definition(name.lower(), None)
+        if found is None:
+            return None
+        undefined = []
+        value = self._expand(name.lower(), found, (), undefined)
+        return None if undefined else value
+
+    def _expand(self, key, definition, stack, undefined=None):
         order, lineno, raw = definition
         if (key, order) in stack:
             chain = " -> ".join(k.upper() for k, _ in stack + ((key, order),))
             raise self.error(lineno, "macro loop: %s" % chain)
         if len(stack) >= MAX_MACRO_DEPTH:
             raise self.error(lineno, "macros nested more than %d deep (%s -> ...)" % (MAX_MACRO_DEPTH, stack[0][0].upper()))
-        return self._substitute(raw, key, definition, stack + ((key, order),))
+        return self._substitute(raw, key, definition, stack + ((key, order),), undefined)
 
-    def _substitute(self, text, key, definition, stack):
+    def _substitute(self, text, key, definition, stack, undefined=None):
+        """text with its macros expanded; each $(NAME) defined nowhere in this file is
+        added to undefined, where given."""
         order, lineno, _ = definition
         out = []
         i = 0
@@ -498,9 +513,11 @@ class Config:
                 # A definition that names itself means the one before it.
                 before = order if name.lower() == key else None
                 found = self._definition(name.lower(), before)
-                value = "" if found is None else self._expand(name.lower(), found, stack)
+                if found is None and undefined is not None:
+                    undefined.append(name)
+                value = "" if found is None else self._expand(name.lower(), found, stack, undefined)
             if not value and has_default:
-                value = self._substitute(default, key, definition, stack)
+                value = self._substitute(default, key, definition, stack, undefined)
             out.append(value)
             i = end + 1
 
@@ -2399,11 +2416,11 @@ class GahpLauncher:
         one whose mkdir lost the race: that GAHP exits 4 before its banner. Seen as a
         failed setup in a CI run of the HTCondor tier (tests/test_htcondor.py)."""
         try:
-            path = config.get("DAEMON_SOCKET_DIR")
+            path = config.get_all_here("DAEMON_SOCKET_DIR")
         except ConfigError:
             return  # the GAHP reads the same config, and says what is wrong with it
-        if not path or os.path.isdir(path):
-            return
+        if not path or not os.path.isabs(path) or os.path.isdir(path):
+            return  # not set here, or set from HTCondor's built-ins, which only the GAHP knows
         try:
             os.makedirs(path, 0o700, exist_ok=True)
             self.log.info("made DAEMON_SOCKET_DIR %s (from %s)" % (path, config.path))

@@ -114,3 +114,9 @@ def test_the_server_makes_daemon_socket_dir_before_a_gahp_and_its_spare_start_to
     for _ in range(2):
         gahp_pid(rig, "condor_ft-gahp")
     assert rig.log_text().count("cannot make DAEMON_SOCKET_DIR %s/sock" % blocked) == 1
+
+    # One of HTCondor's own names in it: only the GAHP knows the value, so none is made.
+    with open(rig.config, "a") as f:
+        f.write("DAEMON_SOCKET_DIR = $(LOCK)/sock\n")
+    gahp_pid(rig, "condor_ft-gahp")
+    assert "DAEMON_SOCKET_DIR /sock" not in rig.log_text() and not os.path.exists("/sock")

@@ -64,6 +64,23 @@ def test_config_macros_defaults_and_environment():
     assert c.get("DOLLAR") == "cost $5"
 
 
+def test_a_value_that_uses_htcondors_built_in_names_is_not_taken_as_known():
+    """What only HTCondor knows ($(LOCK), or a default after a name it defines) is not ours
+    to act on: the server makes DAEMON_SOCKET_DIR only when this file says it all."""
+    c = config(
+        "LOG = $ENV(HOME)/.rvgahp\n"
+        "MINE = $(LOG)/daemon_sock\n"
+        "THROUGH = $(MINE)\n"
+        "BUILT_IN = $(LOCK)/daemon_sock\n"
+        "DEFAULTED = $(RUN:/tmp)/daemon_sock\n",
+        environ={"HOME": "/home/alice"},
+    )
+    assert c.get_all_here("MINE") == c.get_all_here("THROUGH") == "/home/alice/.rvgahp/daemon_sock"
+    assert c.get("BUILT_IN") == "/daemon_sock" and c.get_all_here("BUILT_IN") is None
+    assert c.get("DEFAULTED") == "/tmp/daemon_sock" and c.get_all_here("DEFAULTED") is None
+    assert c.get_all_here("NOT_THERE") is None
+
+
 def test_config_expansion_is_lazy_and_self_reference_means_the_earlier_one():
     c = config("GAHP = $(BASE)/blahpd\nBASE = /first\nPATHS = /a\nPATHS = $(PATHS):/b\nBASE = /last\n")
     assert c.get("GAHP") == "/last/blahpd"  # lazy: BASE's last definition
