@@ -106,7 +106,8 @@ MAX_TUNNEL_AT_PROXY = 2 * MAX_TUNNEL_CONNECTIONS  # the proxy's own bound: its c
 # What the proxy lets the cluster send ahead, over all tunnel connections of its link
 # together, for GridManager sockets that read slowly or not at all (see CreditPool).
 TUNNEL_POOL = 16 * 1024 * 1024
-TUNNEL_FLOOR = 128 * 1024  # ...beyond which a connection still gets this much at a time
+TUNNEL_GRANT_MIN = 64 * 1024  # a smaller grant waits until this much is free (no trickle)
+TUNNEL_IDLE_RETURN = 1.0  # s: a connection that sends nothing this long gives its credit back
 MAX_STATUS_SESSIONS = 200  # a status reply lists at most this many sessions
 MAX_MACRO_DEPTH = 64  # deeper nesting in a config is a mistake, not a real config
 
@@ -590,6 +591,8 @@ STATUS = 13  # client <-> proxy only: how is the link? (reply fields: see Proxy.
 TUNNEL = 14  # server -> proxy: a connection came to session S's tunnel port; this channel
 # carries it to the address that session's client announced (fields: session=S)
 READY = 15  # client -> proxy only: the client has said `Allocated port`; relay the GAHP now
+ASK = 16  # server -> proxy, a tunnel connection: bytes wait here and it has no credit
+UNUSED = 17  # server -> proxy, a tunnel connection: it gives back this much credit (4-byte count)
 # After ACCEPT, the proxy ends a client's socket with one text line instead of a frame:
 # "exit N", "signal N" or "error TEXT". A line is what lets the waiting client be a
 # shell (see wait_in_shell) rather than a whole Python interpreter.
@@ -598,17 +601,18 @@ FRAME_NAMES = {
     for name, number in (
         ("HELLO", HELLO), ("OPEN", OPEN), ("ACCEPT", ACCEPT), ("REFUSE", REFUSE), ("DATA", DATA), ("EOF", EOF), ("CLOSE", CLOSE),
         ("WINDOW", WINDOW), ("PING", PING), ("PONG", PONG), ("RETRY", RETRY), ("STATE", STATE), ("STATUS", STATUS),
-        ("TUNNEL", TUNNEL), ("READY", READY),
+        ("TUNNEL", TUNNEL), ("READY", READY), ("ASK", ASK), ("UNUSED", UNUSED),
     )
 }  # fmt: skip
-SESSION_FRAMES = frozenset((ACCEPT, REFUSE, DATA, EOF, CLOSE, WINDOW))  # those a Channel takes
+SESSION_FRAMES = frozenset((ACCEPT, REFUSE, DATA, EOF, CLOSE, WINDOW, ASK, UNUSED))  # those a Channel takes
 
 # What this rvgahp can do beyond link protocol 1, said in the hello. A feature is used
 # only when both ends name it, so either host's rvgahp.pyz can be the older one.
-FEATURES = ("tunnel", "wide_tunnel", "tunnel_credit")
-# tunnel_credit: a tunnel connection's cluster end sends nothing until the proxy has
-# connected it to the GridManager and granted its window; until then the proxy would
-# hold every byte, a whole window for each connection that waits on a busy endpoint.
+FEATURES = ("tunnel", "wide_tunnel", "tunnel_pool")
+# tunnel_pool: a tunnel connection's cluster end sends only what the proxy has granted
+# from one pool for the whole link (CreditPool): nothing before the proxy has connected
+# it to the GridManager, and no credit kept while it has nothing to send (ASK, UNUSED).
+# Without it the proxy would hold up to a whole window for every connection.
 
 # What a client and the proxy on the same host must agree on (the requests, and what
 # follows ACCEPT). A new rvgahp.pyz on the submit host meets the old proxy of a link
@@ -1157,6 +1161,10 @@ class Channel:
             self.accepted(decode_fields(payload))
         elif kind == REFUSE:
             self.refused(decode_fields(payload))
+        elif kind == ASK:
+            self.asked_for_credit()
+        elif kind == UNUSED:
+            self.gave_back_credit(COUNT.unpack(payload)[0] if len(payload) == 4 else 0)
 
     def peer_eof(self):
         """The peer's direction is finished: our sink ends once what came is written."""
@@ -1221,6 +1229,12 @@ class Channel:
 
     def refused(self, fields):
         raise ProtocolError("unexpected REFUSE on channel %d" % self.cid)
+
+    def asked_for_credit(self):
+        raise ProtocolError("unexpected ASK on channel %d" % self.cid)
+
+    def gave_back_credit(self, n):
+        raise ProtocolError("unexpected UNUSED on channel %d" % self.cid)
 
     def peer_closed(self, fields):
         self.release()
@@ -2793,8 +2807,9 @@ class TunnelListener:
             return True
         cid = self.server.new_tunnel_cid()
         self.conns[cid] = tunnel = TunnelConn(self.server.link, cid, conn, self.session, self.conns, self._resume)
-        if "tunnel_credit" in self.server.link.features:
-            tunnel.credit = 0  # until the proxy has connected it (see FEATURES)
+        if "tunnel_pool" in self.server.link.features:
+            tunnel.asks = True  # it sends nothing until the proxy's pool grants it credit
+            tunnel.credit = 0
         self.server.link.channels[cid] = tunnel
         self.server.link.send(TUNNEL, cid, encode_fields({"session": self.session.cid}))
         tunnel.begin_relay()
@@ -2969,30 +2984,45 @@ def tunnel_window(link):
 
 
 class CreditPool:
-    """The credit the proxy grants the tunnel connections of its link, in total.
+    """The credit the proxy grants the tunnel connections of its link, in total: what
+    the cluster may send ahead for GridManager sockets, so all the proxy can hold for
+    them, however many sessions and connections there are.
 
-    A connection asks for its window when it has connected to the GridManager, and again
-    each time its socket has taken a batch of what came (or all of it). It gets what the
-    pool has free, up to its window; when the pool is spent, enough to hold TUNNEL_FLOOR,
-    so that every connection keeps moving and none waits on another. So the bytes the
-    proxy holds for its GridManager sockets stay under TUNNEL_POOL plus TUNNEL_FLOOR per
-    connection, not a whole window per connection.
+    A connection wants credit when it has connected to the GridManager, when its cluster
+    end asks (bytes wait there and it has none), and when its socket has taken a batch
+    of what came, so a transfer keeps streaming. Wants are served in turn, each up to
+    the connection's window, from what is free: never more than the pool. A connection
+    with nothing to send gives its credit back (see TunnelConn), so idle ones hold none,
+    and the others wait only on GridManager sockets that have not read what they got.
     """
 
-    def __init__(self, size, floor):
+    def __init__(self, size):
         self.size = size
-        self.floor = floor
-        self.granted = 0  # to connections, and not yet taken by their sockets
+        self.granted = 0  # to connections, and not yet given back
+        self.waiting = deque()  # connections that want credit, in turn
 
-    def grant(self, conn):
-        want = conn.window - conn.pooled
-        n = min(want, max(self.size - self.granted, self.floor - conn.pooled))
-        if n > 0:
-            self.granted += n
-            conn.granted_more(n)
+    def want(self, conn):
+        if not conn.wants_credit:
+            conn.wants_credit = True
+            self.waiting.append(conn)
+        self.serve()
 
     def give_back(self, n):
         self.granted -= n
+        self.serve()
+
+    def serve(self):
+        while self.waiting:
+            conn = self.waiting[0]
+            want = 0 if conn.released else conn.window - conn.pooled
+            n = min(want, self.size - self.granted)
+            if want > 0 and n < min(want, TUNNEL_GRANT_MIN):
+                return  # the first in turn waits for enough to come back; none overtakes it
+            self.waiting.popleft()
+            conn.wants_credit = False
+            if n > 0:
+                self.granted += n
+                conn.granted_more(n)
 
 
 class TunnelConn(Channel):
@@ -3006,8 +3036,20 @@ class TunnelConn(Channel):
     def __init__(self, link, cid, sock, session, registry, on_end=None, pool=None):
         Channel.__init__(self, link, cid, sock.fileno(), sock.fileno(), tunnel_window(link))
         self.sock = sock
-        self.pool = pool  # the proxy's CreditPool, where the link grants credit explicitly
-        self.pooled = 0  # credit granted from the pool that our socket has not yet taken
+        # The proxy's end, with tunnel_pool: its credit comes from the link's CreditPool.
+        self.pool = pool
+        self.pooled = 0  # granted from the pool and not yet given back
+        self.wants_credit = False  # in the pool's line
+        self.peer_done = False  # the far end sent EOF: it needs no more credit
+        # The cluster's end, with tunnel_pool: it starts with no credit, asks for some when
+        # bytes wait, and gives back what it has not used once it has sent nothing for a
+        # while (TUNNEL_IDLE_RETURN).
+        self.asks = False
+        self.asked = False
+        self.watching = None  # what the loop calls when the socket has bytes: read, or ask
+        self._on_ask = self._ask
+        self.last_sent = 0.0
+        self.idle_timer = None
         self.session = session
         self.registry = registry  # the session's table of its connections
         self.on_end = on_end  # told once it has left the registry
@@ -3049,9 +3091,14 @@ class TunnelConn(Channel):
         self.begin_relay()
         self.release_sink()
         if self.pool is not None:
-            self.pool.grant(self)  # the far end may send what the pool grants
-        elif "tunnel_credit" in self.link.features:
-            self.link.send(WINDOW, self.cid, COUNT.pack(self.window))  # the far end may send now
+            self.pool.want(self)  # the far end may send what the pool grants
+
+    # -- the proxy's end: credit from the pool
+
+    def on_frame(self, kind, payload):
+        if kind == DATA and self.pool is not None and self.inflight + self.ungranted + len(payload) > self.pooled:
+            raise ProtocolError("channel %d sent more than the pool granted it" % self.cid)
+        Channel.on_frame(self, kind, payload)
 
     def granted_more(self, n):
         self.pooled += n
@@ -3062,14 +3109,76 @@ class TunnelConn(Channel):
             Channel._sink_took(self, n)
             return
         # Credit goes back to the pool in batches, or once the socket has taken all that
-        # came (the far end may be waiting on a small grant), and we ask again.
+        # came (the far end may be waiting on a small grant); a connection whose socket
+        # takes bytes is streaming, so it wants more.
         self.inflight -= n
         self.ungranted += n
         if (self.ungranted >= self.grant_at or self.inflight == 0) and not self.released:
             self.pooled -= self.ungranted
             self.pool.give_back(self.ungranted)
             self.ungranted = 0
-            self.pool.grant(self)
+            if not self.peer_done:
+                self.pool.want(self)
+
+    def peer_eof(self):
+        if self.pool is not None and not self.peer_done:
+            self.peer_done = True
+            unused = self.pooled - self.inflight - self.ungranted  # frames come in order: no more will
+            self.pooled -= unused
+            self.pool.give_back(unused)
+        Channel.peer_eof(self)
+
+    def asked_for_credit(self):
+        if self.pool is None:
+            Channel.asked_for_credit(self)
+        if self.relaying and not self.peer_done:  # before its connect, the connect wants for it
+            self.pool.want(self)
+
+    def gave_back_credit(self, n):
+        unsent = self.pooled - self.inflight - self.ungranted  # what the far end may still send, at most
+        if self.pool is None or n > unsent:
+            raise ProtocolError("channel %d gave back %d bytes of credit it does not have" % (self.cid, n))
+        self.pooled -= n
+        self.pool.give_back(n)
+
+    # -- the cluster's end: ask when bytes wait, give back when idle
+
+    def refresh(self):
+        if not self.asks:
+            Channel.refresh(self)
+            return
+        live = self.relaying and not self.source_done and not self.link.congested
+        if self.credit > 0:
+            self.asked = False
+            want = self._on_source if live else None
+            if want is not None and self.idle_timer is None:
+                self.last_sent = time.monotonic()
+                self.idle_timer = self.loop.call_later(TUNNEL_IDLE_RETURN, self._idle_check)
+        else:
+            want = self._on_ask if live and not self.asked else None
+        if want is not self.watching:
+            self.watching = want
+            self.reading = want is self._on_source
+            self.loop.on_readable(self.source_fd, want)
+
+    def _ask(self):
+        """Bytes wait on a connection that has no credit: one ASK, until credit comes."""
+        self.asked = True
+        self.link.send(ASK, self.cid)
+        self.refresh()
+
+    def _idle_check(self):
+        self.idle_timer = None
+        if self.released or self.source_done or self.credit <= 0:
+            return
+        idle = time.monotonic() - self.last_sent
+        if idle < TUNNEL_IDLE_RETURN or self.link.congested:  # held back by the link is not idle
+            wait = TUNNEL_IDLE_RETURN if self.link.congested else TUNNEL_IDLE_RETURN - idle
+            self.idle_timer = self.loop.call_later(wait, self._idle_check)
+            return
+        self.link.send(UNUSED, self.cid, COUNT.pack(self.credit))  # the pool's, while we have nothing to send
+        self.credit = 0
+        self.refresh()
 
     def _connect_failed(self, reason):
         if self.released:
@@ -3088,7 +3197,10 @@ class TunnelConn(Channel):
         """As Channel's, except that a reset is not an end: the far end must be reset too,
         or a transfer cut off here would look finished there."""
         try:
-            return os.read(self.source_fd, size)
+            data = os.read(self.source_fd, size)
+            if self.asks:
+                self.last_sent = time.monotonic()
+            return data
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as e:
@@ -3110,6 +3222,7 @@ class TunnelConn(Channel):
     def _close_source(self):
         self.source_done = True
         self.reading = False
+        self.watching = None
         self.loop.on_readable(self.source_fd, None)
         self._close_when_done()
 
@@ -3141,6 +3254,9 @@ class TunnelConn(Channel):
         if self.released:
             return
         Channel.release(self)
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
         if self.pool is not None:
             self.pool.give_back(self.pooled)
             self.pooled = 0
@@ -3346,7 +3462,7 @@ class Proxy:
         self.waiting = []  # sessions that arrived before the server's hello
         self.session_of_cid = {}  # a channel -> its ProxySession, until released
         self.wide_pipe_quota = wide_pipe_sessions()  # sessions whose pipes may be widened
-        self.tunnel_pool = CreditPool(TUNNEL_POOL, TUNNEL_FLOOR)  # one link per proxy, so one pool
+        self.tunnel_pool = CreditPool(TUNNEL_POOL)  # one link per proxy, so one pool
         self.clients = set()
         self.draining = set()  # sessions whose GAHP has ended, still writing its last output
         self.next_cid = 0
@@ -3454,7 +3570,11 @@ class Proxy:
                 "ping_interval": link.ping_interval,
                 "ping_timeout": link.ping_timeout,
                 "features": sorted(link.features.intersection(FEATURES)),  # what both ends use
-                "tunnel_pool": {"size": self.tunnel_pool.size, "granted": self.tunnel_pool.granted},
+                "tunnel_pool": {
+                    "size": self.tunnel_pool.size,
+                    "granted": self.tunnel_pool.granted,
+                    "waiting": len(self.tunnel_pool.waiting),
+                },
             },
             "server": {
                 "pid": whole_number(peer.get("pid", ""), 1, 2**31 - 1),  # a number, as the proxy's; None if it did not say
@@ -3537,7 +3657,7 @@ class Proxy:
         family, host, port, text = session.tunnel_to
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
-        pool = self.tunnel_pool if "tunnel_credit" in self.link.features else None
+        pool = self.tunnel_pool if "tunnel_pool" in self.link.features else None
         conn = TunnelConn(self.link, cid, sock, session, session.tunnel_conns, pool=pool)
         self.link.channels[cid] = session.tunnel_conns[cid] = conn
         conn.connect((host, port), text)

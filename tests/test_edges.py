@@ -12,6 +12,8 @@ real HTCondor found, each replayed with real processes over the real sshd.
 - a server whose transport or config is removed says so once and exits.
 """
 
+import hashlib
+import json
 import os
 import re
 import select
@@ -26,6 +28,7 @@ import time
 
 import harness
 import pytest
+import testgahp
 from test_hardening import BareProxy, assert_still_serving, one_line, run_server
 
 sys.path.insert(0, harness.REPO)
@@ -427,8 +430,6 @@ def test_a_client_during_an_outage_is_told_when_the_last_link_went_down_and_why(
     # And a monitoring script gets JSON with a state, and exit 1, not silence.
     result = subprocess.run(rig.flavor.argv("client", "--status", "--json", rig.sock), capture_output=True, timeout=30)
     assert result.returncode == 1
-    import json
-
     status = json.loads(result.stdout.decode())
     assert status["state"] == "no proxy" and status["socket"] == rig.sock, status
     assert status["last_link"].startswith("its last link went down at"), status
@@ -451,8 +452,6 @@ def test_the_status_gives_both_pids_as_numbers(make_rig):
     rig.start_server()
     result = subprocess.run(rig.flavor.argv("client", "--status", "--json", rig.sock), capture_output=True, timeout=30)
     assert result.returncode == 0, result
-    import json
-
     status = json.loads(result.stdout.decode())
     assert status["server"]["pid"] == rig.server.pid and status["proxy"]["pid"] == rig.proxy_pid(), status
 
@@ -718,8 +717,6 @@ def unread_bytes(port):
 
 
 def test_connections_waiting_on_a_busy_gridmanager_cost_the_proxy_no_memory(make_rig):
-    import json
-
     from test_tunnel import start_ft
 
     rig = make_rig()
@@ -756,10 +753,7 @@ def test_connections_waiting_on_a_busy_gridmanager_cost_the_proxy_no_memory(make
 def test_the_proxy_holds_one_bounded_pool_for_all_tunnel_connections_and_frees_it_when_they_end(make_rig):
     """A GridManager that stops reading: two sessions, 20 connections each, the cluster's
     side pushing 4 MiB into every one. The proxy holds at most TUNNEL_POOL for all of them
-    together, plus TUNNEL_FLOOR each (not a 2 MiB window each: 80 MiB), and holds nothing
-    once they have ended."""
-    import json
-
+    together (not a 2 MiB window each: 80 MiB), and holds nothing once they have ended."""
     from test_tunnel import start_ft
 
     rig = make_rig()
@@ -790,15 +784,16 @@ def test_the_proxy_holds_one_bounded_pool_for_all_tunnel_connections_and_frees_i
             except BlockingIOError:
                 pass
         pool = status()["link"]["tunnel_pool"]
-        return pool["granted"] >= pool["size"] and pool
+        return pool["waiting"] > 0 and pool["granted"] > pool["size"] - rvgahp.TUNNEL_GRANT_MIN and pool
 
     try:
         pool = harness.wait_for(push_until_the_pool_is_spent, 120, interval=0.2, what="the proxy's tunnel pool to be spent")
         now = status()
         held = sum(s["tunnel_buffered"] for s in now["sessions"])
         assert sum(s["tunnel_connections"] for s in now["sessions"]) == 40
-        bound = rvgahp.TUNNEL_POOL + 40 * rvgahp.TUNNEL_FLOOR  # 21 MiB, not 40 windows of 2 MiB
-        assert pool["size"] == rvgahp.TUNNEL_POOL and held <= bound, "the proxy holds %d bytes for its GridManager sockets" % held
+        assert pool["size"] == rvgahp.TUNNEL_POOL and held <= rvgahp.TUNNEL_POOL, (
+            "the proxy holds %d bytes for its GridManager sockets" % held
+        )
     finally:
         for p in pushers:
             p[0].close()
@@ -811,6 +806,103 @@ def test_the_proxy_holds_one_bounded_pool_for_all_tunnel_connections_and_frees_i
     harness.wait_for(emptied, 120, what="the tunnel connections to end and give their credit back")
     for s in sessions:
         s.finish()
+
+
+def proxy_status(rig):
+    out = subprocess.run(rig.flavor.argv("client", "--status", "--json", rig.sock), capture_output=True, timeout=30).stdout
+    return json.loads(out.decode())
+
+
+def test_idle_tunnel_connections_hold_no_credit_and_ask_again_when_they_send(make_rig):
+    """40 connections that sent their first line and then nothing: once idle, each gives
+    its credit back, so the pool's grants fall to nothing while all 40 stay open. When
+    one sends again, it asks, and 3 MiB arrive whole."""
+    from test_tunnel import FakeGridManager, seed_for, tunnel_session
+
+    rig = make_rig()
+    rig.start_server()
+    gm = FakeGridManager()
+    conns = []
+    try:
+        s, port = tunnel_session(rig, gm)
+        for i in range(40):
+            c = socket.create_connection(("127.0.0.1", port), timeout=60)
+            c.sendall(b"sink idle%d\n" % i)
+            conns.append(c)
+        harness.wait_for(lambda: len(gm.headers) == 40, 60, what="40 connections to reach the endpoint")
+
+        def idle_and_empty():
+            now = proxy_status(rig)
+            open_now = sum(x["tunnel_connections"] for x in now["sessions"])
+            return open_now == 40 and now["link"]["tunnel_pool"]["granted"] == 0
+
+        harness.wait_for(idle_and_empty, 60, what="40 idle connections to give their credit back")
+        data = b"".join(testgahp.seeded_bytes(seed_for("idle0"), 3 << 20))
+        conns[0].sendall(data)
+        conns[0].shutdown(socket.SHUT_WR)
+        seen = gm.wait_seen("idle0")
+        assert (seen.received, seen.sha256, seen.end) == (len(data), hashlib.sha256(data).hexdigest(), "eof")
+    finally:
+        for c in conns:
+            c.close()
+        gm.close()
+    s.finish()
+
+
+def test_a_connection_waiting_for_a_spent_pool_gets_its_turn_when_credit_comes_back(make_rig):
+    """Twelve connections to a GridManager that reads nothing spend the pool; a thirteenth,
+    to one that reads, waits in line (the status counts it), and once the stalled ones
+    end, its 1 MiB arrives whole: the pool is strict, and no one waits for ever."""
+    from test_tunnel import FakeGridManager, seed_for, start_ft
+
+    rig = make_rig()
+    rig.start_server()
+    stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # accepts (in the kernel), never reads
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(64)
+    gm = FakeGridManager()
+    pushers, late = [], None
+    try:
+        stuck = start_ft(rig, "4242 <127.0.0.1:%d?sock=gm_1> 0" % stalled.getsockname()[1])
+        reading = start_ft(rig, gm.condor_inherit())
+        for _ in range(12):
+            c = socket.create_connection(("127.0.0.1", tunnel_port_of(stuck)), timeout=60)
+            c.setblocking(False)
+            pushers.append([c, 3 << 20])
+
+        def spent():
+            for p in pushers:
+                try:
+                    while p[1] > 0:
+                        p[1] -= p[0].send(b"u" * min(p[1], 65536))
+                except BlockingIOError:
+                    pass
+            pool = proxy_status(rig)["link"]["tunnel_pool"]
+            return pool["granted"] > pool["size"] - rvgahp.TUNNEL_GRANT_MIN
+
+        harness.wait_for(spent, 120, interval=0.2, what="the stalled connections to spend the pool")
+        data = b"".join(testgahp.seeded_bytes(seed_for("late"), 1 << 20))
+        late = socket.create_connection(("127.0.0.1", tunnel_port_of(reading)), timeout=60)
+        late.sendall(b"sink late\n")
+        harness.wait_for(lambda: proxy_status(rig)["link"]["tunnel_pool"]["waiting"] >= 1, 60, what="the late connection to wait in line")
+        assert "late" not in gm.headers  # its first line needs credit, and none is free
+        for p in pushers:
+            p[0].close()
+        stalled.close()  # resets what it never accepted: the stalled connections end, and their credit comes back
+        late.sendall(data)
+        late.shutdown(socket.SHUT_WR)
+        seen = gm.wait_seen("late")
+        assert (seen.received, seen.sha256, seen.end) == (len(data), hashlib.sha256(data).hexdigest(), "eof")
+    finally:
+        for p in pushers:
+            p[0].close()
+        stalled.close()
+        if late is not None:
+            late.close()
+        gm.close()
+    stuck.finish()
+    reading.finish()
 
 
 # --------------------------------------------------------------------------- 12. small things a new user trips on

@@ -327,7 +327,7 @@ def test_an_admin_can_ask_for_the_state_of_the_link(rig):
     assert lines["socket"].strip() == rig.sock
     assert lines["link"].strip().startswith("up since ")
     assert ", last heard " in lines["link"]
-    assert lines["link"].endswith("; features: tunnel, tunnel_credit, wide_tunnel")  # both ends are this rvgahp
+    assert lines["link"].endswith("; features: tunnel, tunnel_pool, wide_tunnel")  # both ends are this rvgahp
     assert "pid %d on " % rig.server.pid in lines["server"]
     assert lines["sessions"].strip().startswith("1 open, ")
     assert len(sessions) == 1 and " blahpd " in sessions[0] and " to the GAHP, " in sessions[0]
