@@ -41,8 +41,9 @@ Where things are, in reading order:
                      GahpLauncher (allow-list, config re-reads, spawn, spares); Server
                      (sessions, reaping, shutdown); Spare, ServerSession
   the tunnel         TunnelListener (cluster side, its limit and its owner check, SockDiag),
-                     CreditPool (the proxy's one bound on what it holds for all of them),
-                     TunnelConn (both sides: half-close, reset, connect-gated credit)
+                     CreditPool (the proxy's one bound on what it holds for all of them,
+                     served in turn), TunnelConn (both sides: half-close, reset, credit
+                     asked for when bytes wait and given back when idle)
   the proxy          SocketClaim (bind, stand by, heartbeat, take over, let go); Proxy
                      (sessions, status); ClientConn, ProxySession
   the client         argv, Handoff, the owner check, run_client, the Allocated line,

@@ -869,7 +869,9 @@ def test_a_connection_waiting_for_a_spent_pool_gets_its_turn_when_credit_comes_b
         for _ in range(12):
             c = socket.create_connection(("127.0.0.1", tunnel_port_of(stuck)), timeout=60)
             c.setblocking(False)
-            pushers.append([c, 3 << 20])
+            pushers.append([c, 8 << 20])  # more than the kernel buffers toward the stalled reader take
+
+        last = [None]
 
         def spent():
             for p in pushers:
@@ -878,14 +880,20 @@ def test_a_connection_waiting_for_a_spent_pool_gets_its_turn_when_credit_comes_b
                         p[1] -= p[0].send(b"u" * min(p[1], 65536))
                 except BlockingIOError:
                     pass
-            pool = proxy_status(rig)["link"]["tunnel_pool"]
-            return pool["granted"] > pool["size"] - rvgahp.TUNNEL_GRANT_MIN
+            now = proxy_status(rig)
+            pool, held = now["link"]["tunnel_pool"], sum(x["tunnel_buffered"] for x in now["sessions"])
+            # Spent, and stuck: what the proxy holds no longer drains into the kernel's
+            # buffers toward the stalled reader, so no credit comes back until a
+            # connection ends.
+            stuck, last[0] = held > 0 and held == last[0], held
+            return pool["granted"] > pool["size"] - rvgahp.TUNNEL_GRANT_MIN and stuck and pool
 
-        harness.wait_for(spent, 120, interval=0.2, what="the stalled connections to spend the pool")
+        waiting = harness.wait_for(spent, 120, interval=0.2, what="the stalled connections to spend the pool")["waiting"]
         data = b"".join(testgahp.seeded_bytes(seed_for("late"), 1 << 20))
         late = socket.create_connection(("127.0.0.1", tunnel_port_of(reading)), timeout=60)
         late.sendall(b"sink late\n")
-        harness.wait_for(lambda: proxy_status(rig)["link"]["tunnel_pool"]["waiting"] >= 1, 60, what="the late connection to wait in line")
+        in_line = lambda: proxy_status(rig)["link"]["tunnel_pool"]["waiting"] == waiting + 1  # noqa: E731
+        harness.wait_for(in_line, 60, what="the late connection to wait in line")
         assert "late" not in gm.headers  # its first line needs credit, and none is free
         for p in pushers:
             p[0].close()
