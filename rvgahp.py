@@ -2398,6 +2398,7 @@ class GahpLauncher:
     def spawn_gahp(self, argv, env, config):
         """fork + exec one GAHP: (its Child, its stdout's read end, its stdin's write end)."""
         name = os.path.basename(argv[0])
+        self.make_daemon_socket_dir(config)
         stderr_path = config.get("RVGAHP_GAHP_STDERR") or self.layout.default_gahp_stderr
         if stderr_path == os.devnull:
             stderr_fd = os.open(os.devnull, os.O_WRONLY)
@@ -2411,7 +2412,6 @@ class GahpLauncher:
         if len(self.server.session_of_pid) + len(self.spares) < self.wide_pipe_quota:
             widen_pipe(stdin_w)
             widen_pipe(stdout_r)
-        self.make_daemon_socket_dir(config)
         try:
             pid = spawn(argv, env, self.layout.home, stdin_r, stdout_w, stderr_fd, self.server.die_with_parent)
         except SpawnError as e:
@@ -2434,15 +2434,18 @@ class GahpLauncher:
             path = config.get_all_here("DAEMON_SOCKET_DIR")
         except ConfigError:
             return  # the GAHP reads the same config, and says what is wrong with it
-        if not path or not os.path.isabs(path) or os.path.isdir(path):
+        if not path or not os.path.isabs(path):
             return  # not set here, or set from HTCondor's built-ins, which only the GAHP knows
         try:
+            if os.path.isdir(path):
+                return
             os.makedirs(path, 0o700, exist_ok=True)
             self.log.info("made DAEMON_SOCKET_DIR %s (from %s)" % (path, config.path))
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: a NUL in the path
             if path not in self.socket_dir_failed:  # once, not at every session start
                 self.socket_dir_failed.add(path)
-                self.log.info("cannot make DAEMON_SOCKET_DIR %s (from %s): %s" % (path, config.path, e.strerror or e))
+                why = getattr(e, "strerror", None) or e
+                self.log.info("cannot make DAEMON_SOCKET_DIR %s (from %s): %s" % (path, config.path, why))
 
 
 class Server:
@@ -3008,6 +3011,12 @@ class CreditPool:
             self.waiting.append(conn)
         self.serve()
 
+    def leave(self, conn):
+        """An ended connection leaves the line now, not when it would reach its head."""
+        if conn.wants_credit:
+            conn.wants_credit = False
+            self.waiting.remove(conn)
+
     def give_back(self, n):
         self.granted -= n
         self.serve()
@@ -3015,7 +3024,7 @@ class CreditPool:
     def serve(self):
         while self.waiting:
             conn = self.waiting[0]
-            want = 0 if conn.released else conn.window - conn.pooled
+            want = 0 if conn.released or conn.peer_done else conn.window - conn.pooled
             n = min(want, self.size - self.granted)
             if want > 0 and n < min(want, TUNNEL_GRANT_MIN):
                 return  # the first in turn waits for enough to come back; none overtakes it
@@ -3091,7 +3100,7 @@ class TunnelConn(Channel):
     def _relay_connected(self):
         self.begin_relay()
         self.release_sink()
-        if self.pool is not None:
+        if self.pool is not None and not self.peer_done:  # (an EOF may have come before the connect)
             self.pool.want(self)  # the far end may send what the pool grants
 
     # -- the proxy's end: credit from the pool
@@ -3259,6 +3268,7 @@ class TunnelConn(Channel):
             self.idle_timer.cancel()
             self.idle_timer = None
         if self.pool is not None:
+            self.pool.leave(self)
             self.pool.give_back(self.pooled)
             self.pooled = 0
         if self.registry.get(self.cid) is self:

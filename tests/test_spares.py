@@ -120,3 +120,10 @@ def test_the_server_makes_daemon_socket_dir_before_a_gahp_and_its_spare_start_to
         f.write("DAEMON_SOCKET_DIR = $(LOCK)/sock\n")
     gahp_pid(rig, "condor_ft-gahp")
     assert "DAEMON_SOCKET_DIR /sock" not in rig.log_text() and not os.path.exists("/sock")
+
+    # A path no directory can have (a NUL in it): said once; the session still starts.
+    with open(rig.config, "a") as f:
+        f.write("DAEMON_SOCKET_DIR = %s/a\0b\n" % rig.home)
+    for _ in range(2):
+        gahp_pid(rig, "condor_ft-gahp")
+    assert rig.log_text().count("cannot make DAEMON_SOCKET_DIR %s/a\\x00b" % rig.home) == 1

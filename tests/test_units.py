@@ -675,3 +675,51 @@ def test_both_ways_of_finding_who_owns_a_tunnel_connection_agree():
         listener.close()
         for fd in (ready_r, ready_w, done_r, done_w):
             os.close(fd)
+
+
+class PoolMember:
+    """What CreditPool reads of a tunnel connection, and the grants it gets."""
+
+    def __init__(self, window=100):
+        self.window, self.pooled, self.released, self.peer_done, self.wants_credit = window, 0, False, False, False
+        self.grants = []
+
+    def granted_more(self, n):
+        self.pooled += n
+        self.grants.append(n)
+
+
+def test_the_tunnel_pool_never_grants_past_its_size_and_serves_wants_in_turn(monkeypatch):
+    monkeypatch.setattr(rvgahp, "TUNNEL_GRANT_MIN", 10)
+    pool = rvgahp.CreditPool(250)
+    a, b, c = PoolMember(), PoolMember(), PoolMember()
+    for conn in (a, b, c):
+        pool.want(conn)
+    assert (a.grants, b.grants, c.grants, pool.granted) == ([100], [100], [50], 250)
+    d = PoolMember()
+    pool.want(d)  # nothing free: it waits in line
+    assert d.grants == [] and list(pool.waiting) == [d]
+    pool.give_back(5)  # less than the smallest grant: still waiting, nobody overtakes
+    a.pooled -= 5
+    pool.want(a)
+    assert d.grants == [] and list(pool.waiting) == [d, a]
+    pool.give_back(20)
+    b.pooled -= 20
+    assert d.grants == [25] and a.grants == [100] and pool.granted == 250  # d first, then a waits on
+
+
+def test_a_connection_that_ended_or_sent_eof_leaves_the_tunnel_pools_line_and_gets_nothing(monkeypatch):
+    monkeypatch.setattr(rvgahp, "TUNNEL_GRANT_MIN", 10)
+    pool = rvgahp.CreditPool(100)
+    full, done, gone, last = PoolMember(), PoolMember(), PoolMember(), PoolMember()
+    pool.want(full)
+    for conn in (done, gone, last):
+        pool.want(conn)
+    assert list(pool.waiting) == [done, gone, last]
+    gone.released = True
+    pool.leave(gone)  # at once, not when it would reach the head
+    assert list(pool.waiting) == [done, last] and not gone.wants_credit
+    done.peer_done = True  # its far end sent EOF: credit now would never be used
+    full.pooled -= 100
+    pool.give_back(100)
+    assert done.grants == [] and gone.grants == [] and last.grants == [100] and not pool.waiting
