@@ -750,6 +750,30 @@ def test_connections_waiting_on_a_busy_gridmanager_cost_the_proxy_no_memory(make
     assert s.finish()[0] == 0
 
 
+def stalled_endpoint(backlog):
+    """A GridManager port that accepts (in the kernel) and never reads."""
+    stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(backlog)
+    return stalled
+
+
+def push_what_fits(pushers):
+    """Send each [socket, bytes left] as much as its socket takes now."""
+    for p in pushers:
+        try:
+            while p[1] > 0:
+                p[1] -= p[0].send(b"u" * min(p[1], 65536))
+        except BlockingIOError:
+            pass
+
+
+def proxy_status(rig):
+    out = subprocess.run(rig.flavor.argv("client", "--status", "--json", rig.sock), capture_output=True, timeout=30).stdout
+    return json.loads(out.decode())
+
+
 def test_the_proxy_holds_one_bounded_pool_for_all_tunnel_connections_and_frees_it_when_they_end(make_rig):
     """A GridManager that stops reading: two sessions, 20 connections each, the cluster's
     side pushing 4 MiB into every one. The proxy holds at most TUNNEL_POOL for all of them
@@ -758,10 +782,7 @@ def test_the_proxy_holds_one_bounded_pool_for_all_tunnel_connections_and_frees_i
 
     rig = make_rig()
     rig.start_server()
-    stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # accepts (in the kernel), never reads
-    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    stalled.bind(("127.0.0.1", 0))
-    stalled.listen(1024)
+    stalled = stalled_endpoint(1024)
     gm_port = stalled.getsockname()[1]
     sessions = [start_ft(rig, "4242 <127.0.0.1:%d?sock=gm_1> 0" % gm_port) for _ in range(2)]
     pushers = []
@@ -772,23 +793,14 @@ def test_the_proxy_holds_one_bounded_pool_for_all_tunnel_connections_and_frees_i
             c.setblocking(False)
             pushers.append([c, 4 << 20])
 
-    def status():
-        out = subprocess.run(rig.flavor.argv("client", "--status", "--json", rig.sock), capture_output=True, timeout=30).stdout
-        return json.loads(out.decode())
-
     def push_until_the_pool_is_spent():
-        for p in pushers:
-            try:
-                while p[1] > 0:
-                    p[1] -= p[0].send(b"u" * min(p[1], 65536))
-            except BlockingIOError:
-                pass
-        pool = status()["link"]["tunnel_pool"]
+        push_what_fits(pushers)
+        pool = proxy_status(rig)["link"]["tunnel_pool"]
         return pool["waiting"] > 0 and pool["granted"] > pool["size"] - rvgahp.TUNNEL_GRANT_MIN and pool
 
     try:
         pool = harness.wait_for(push_until_the_pool_is_spent, 120, interval=0.2, what="the proxy's tunnel pool to be spent")
-        now = status()
+        now = proxy_status(rig)
         held = sum(s["tunnel_buffered"] for s in now["sessions"])
         assert sum(s["tunnel_connections"] for s in now["sessions"]) == 40
         assert pool["size"] == rvgahp.TUNNEL_POOL and held <= rvgahp.TUNNEL_POOL, (
@@ -800,17 +812,12 @@ def test_the_proxy_holds_one_bounded_pool_for_all_tunnel_connections_and_frees_i
         stalled.close()  # the connections it never accepted are reset: every one ends
 
     def emptied():
-        now = status()
+        now = proxy_status(rig)
         return not any(s["tunnel_connections"] for s in now["sessions"]) and now["link"]["tunnel_pool"]["granted"] == 0
 
     harness.wait_for(emptied, 120, what="the tunnel connections to end and give their credit back")
     for s in sessions:
         s.finish()
-
-
-def proxy_status(rig):
-    out = subprocess.run(rig.flavor.argv("client", "--status", "--json", rig.sock), capture_output=True, timeout=30).stdout
-    return json.loads(out.decode())
 
 
 def test_idle_tunnel_connections_hold_no_credit_and_ask_again_when_they_send(make_rig):
@@ -857,10 +864,7 @@ def test_a_connection_waiting_for_a_spent_pool_gets_its_turn_when_credit_comes_b
 
     rig = make_rig()
     rig.start_server()
-    stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # accepts (in the kernel), never reads
-    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    stalled.bind(("127.0.0.1", 0))
-    stalled.listen(64)
+    stalled = stalled_endpoint(64)
     gm = FakeGridManager()
     pushers, late = [], None
     try:
@@ -874,19 +878,14 @@ def test_a_connection_waiting_for_a_spent_pool_gets_its_turn_when_credit_comes_b
         last = [None]
 
         def spent():
-            for p in pushers:
-                try:
-                    while p[1] > 0:
-                        p[1] -= p[0].send(b"u" * min(p[1], 65536))
-                except BlockingIOError:
-                    pass
+            push_what_fits(pushers)
             now = proxy_status(rig)
             pool, held = now["link"]["tunnel_pool"], sum(x["tunnel_buffered"] for x in now["sessions"])
             # Spent, and stuck: what the proxy holds no longer drains into the kernel's
             # buffers toward the stalled reader, so no credit comes back until a
             # connection ends.
-            stuck, last[0] = held > 0 and held == last[0], held
-            return pool["granted"] > pool["size"] - rvgahp.TUNNEL_GRANT_MIN and stuck and pool
+            still, last[0] = held > 0 and held == last[0], held
+            return pool["granted"] > pool["size"] - rvgahp.TUNNEL_GRANT_MIN and still and pool
 
         waiting = harness.wait_for(spent, 120, interval=0.2, what="the stalled connections to spend the pool")["waiting"]
         data = b"".join(testgahp.seeded_bytes(seed_for("late"), 1 << 20))
