@@ -280,9 +280,10 @@ class Rig:
         env.update(extra)
         return env
 
-    def start_server(self, *args, wait=True):
+    def start_server(self, *args, wait=True, prefix=()):
+        """prefix: a command that runs the server, such as setpriv with fewer capabilities."""
         self.server = subprocess.Popen(
-            self.flavor.argv("server", "-l", self.server_log, *args),
+            [*prefix, *self.flavor.argv("server", "-l", self.server_log, *args)],
             env=self.env(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

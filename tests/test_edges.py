@@ -5,8 +5,8 @@ real HTCondor found, each replayed with real processes over the real sshd.
 - every number from outside goes through one checked parser;
 - a bad boolean in the config stops the server at start, at file:line;
 - each file rvgahp reads or writes, found to be a directory, a FIFO, a device, a socket,
-  a dangling symlink or (at start) unreadable, gives one line that names the path and
-  what it is;
+  a dangling symlink or unreadable, at start or while running, gives one line that names
+  the path and what it is;
 - a GAHP that dies before its banner is explained on the client's stderr before the
   GridManager sees EOF, since HTCondor builds the resource's reason from those lines;
 - a server whose transport or config is removed says so once and exits.
@@ -281,6 +281,41 @@ def test_a_file_of_the_servers_it_may_not_open_is_one_line_at_start(which):
     line = one_line(result)
     assert paths[which] in line and "Permission denied" in line, line
     assert "Traceback" not in result.stderr.decode()
+
+
+def test_files_a_session_needs_that_become_unreadable_while_running_refuse_it_and_the_server_serves_on(make_rig):
+    """Unreadable (mode 000) while running. The server runs as root without root's power
+    to open any file (setpriv drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH), so a mode
+    stops it as it would stop a user's server."""
+    if os.geteuid() != 0:
+        pytest.skip("dropping root's file capabilities needs root")
+    gahp = os.path.join(harness.short_tempdir("gh"), "blahpd")
+    with open(gahp, "w") as f:
+        f.write('#!/bin/sh\nexec %s "$@"\n' % harness.TESTGAHP)
+    os.chmod(gahp, 0o755)
+    stderr_log = os.path.join(harness.short_tempdir("gl"), "gahp.err")
+    rig = make_rig(gahp=gahp, config_extra="RVGAHP_SPARE_GAHPS = 0\nRVGAHP_GAHP_STDERR = %s\n" % stderr_log)
+    rig.start_server(prefix=["setpriv", "--bounding-set=-dac_override,-dac_read_search"])
+    assert_still_serving(rig)
+    with open(rig.config, "a") as f:
+        f.write("# the GAHP stderr log exists from here on\n")
+    for what, path, words in (
+        ("config", rig.config, "Permission denied"),  # edited and saved unreadable: an unchanged file is not read again
+        ("BATCH_GAHP", gahp, "is not executable"),
+        ("the GAHP stderr log", stderr_log, "Permission denied"),
+    ):
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if what == "config":
+            with open(path, "a") as f:
+                f.write("# edited\n")
+        os.chmod(path, 0)
+        try:
+            line = one_line(rig.run_client("blahpd", timeout=60))
+        finally:
+            os.chmod(path, mode)
+        assert "refused blahpd" in line and path in line and words in line, (what, line)
+        assert rig.server.poll() is None
+        assert_still_serving(rig)
 
 
 # --------------------------------------------------------------------------- 18. a GAHP that dies before its banner
