@@ -204,16 +204,23 @@ def test_a_file_of_the_servers_that_is_not_a_file_at_start_is_one_line(make_rig,
     assert "Traceback" not in result.stderr.decode()
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_files_a_session_needs_that_turn_into_other_things_while_running_refuse_it_and_the_server_serves_on(make_rig, kind):
-    if kind == "a character device" and os.geteuid() != 0:
-        pytest.skip("making a device needs root")
+def rig_with_files_of_its_own(make_rig):
+    """A rig whose BATCH_GAHP (a wrapper of the test GAHP) and GAHP stderr log are files
+    a test may turn into other things; no spares, so each session opens them afresh."""
     gahp = os.path.join(harness.short_tempdir("gh"), "blahpd")
     with open(gahp, "w") as f:
         f.write('#!/bin/sh\nexec %s "$@"\n' % harness.TESTGAHP)
     os.chmod(gahp, 0o755)
     stderr_log = os.path.join(harness.short_tempdir("gl"), "gahp.err")
     rig = make_rig(gahp=gahp, config_extra="RVGAHP_SPARE_GAHPS = 0\nRVGAHP_GAHP_STDERR = %s\n" % stderr_log)
+    return rig, gahp, stderr_log
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_files_a_session_needs_that_turn_into_other_things_while_running_refuse_it_and_the_server_serves_on(make_rig, kind):
+    if kind == "a character device" and os.geteuid() != 0:
+        pytest.skip("making a device needs root")
+    rig, gahp, stderr_log = rig_with_files_of_its_own(make_rig)
     rig.start_server()
     assert_still_serving(rig)
     with open(rig.config) as f:
@@ -289,12 +296,7 @@ def test_files_a_session_needs_that_become_unreadable_while_running_refuse_it_an
     stops it as it would stop a user's server."""
     if os.geteuid() != 0:
         pytest.skip("dropping root's file capabilities needs root")
-    gahp = os.path.join(harness.short_tempdir("gh"), "blahpd")
-    with open(gahp, "w") as f:
-        f.write('#!/bin/sh\nexec %s "$@"\n' % harness.TESTGAHP)
-    os.chmod(gahp, 0o755)
-    stderr_log = os.path.join(harness.short_tempdir("gl"), "gahp.err")
-    rig = make_rig(gahp=gahp, config_extra="RVGAHP_SPARE_GAHPS = 0\nRVGAHP_GAHP_STDERR = %s\n" % stderr_log)
+    rig, gahp, stderr_log = rig_with_files_of_its_own(make_rig)
     rig.start_server(prefix=["setpriv", "--bounding-set=-dac_override,-dac_read_search"])
     assert_still_serving(rig)
     with open(rig.config, "a") as f:
