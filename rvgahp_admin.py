@@ -1874,7 +1874,7 @@ class Doctor:
             "last login",
             good if last else None,
             last or "no login in %s yet" % home_path(path),
-            "fix what it says (rvgahp's README, Troubleshooting); the server retries by itself",
+            "fix what it says (docs/troubleshooting.md lists the common ones); the server retries by itself",
         )
 
     # -- output

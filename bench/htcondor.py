@@ -2,6 +2,7 @@
 
     sudo .venv/bin/python bench/htcondor.py                 # the default matrix
     sudo .venv/bin/python bench/htcondor.py --jobs 20 --sizes 1 --repeats 3 --no-kill
+    sudo .venv/bin/python bench/htcondor.py --reachable    # the C rvgahp where it can work
 
 testbed/htcondor.py's rig (Debian 13's condor 23.9 and slurm-wlm in two network
 namespaces, the cluster unable to reach any HTCondor port) runs, in one run:
@@ -11,7 +12,10 @@ namespaces, the cluster unable to reach any HTCondor port) runs, in one run:
 - c-rvgahp: HTCondor's own C rvgahp from the same package: /usr/sbin/rvgahp_server -b BASE
   on the cluster dials ssh to the submit host, which runs /usr/sbin/rvgahp_proxy on a
   socket; /usr/sbin/rvgahp_client is the GAHP. It has no file-transfer tunnel, so with the
-  cluster unable to reach the GridManager its jobs are held: that is its figure;
+  cluster unable to reach the GridManager its jobs are held: that is its figure. With
+  --reachable the submit host's HTCondor listens on 192.0.2.1 instead of 127.0.0.1, so
+  the cluster can reach the GridManager and the C rvgahp's ft-gahp connects straight to it
+  (rvgahp and the stock script still carry their transfers over ssh);
 - stock: HTCondor's ssh /usr/sbin/remote_gahp, the GridManager's ssh key login to a key-only
   sshd on the cluster, with `ssh -R` for the ft-gahp; its blahpd and ft-gahp under
   ~/bosco/glite on the cluster, where the script looks by default.
@@ -260,27 +264,28 @@ def one_run(rig, say, transport, count, size, digest, args):
     offset = len(rig.gridmanager_log())
     load = os.getloadavg()[0]
     jobs = rig.bench_submit(transport, count, size, digest)
-    timeout = args.c_timeout if transport == "c-rvgahp" else args.timeout
+    timeout = args.c_timeout if transport == "c-rvgahp" and not args.reachable else args.timeout
     took, seen = rig.until(jobs, lambda st: all(v in (COMPLETED, HELD) for v in st.values()), timeout)
     held = [p for p, v in seen.items() if v == HELD]
     if took is None:
         result = {"time": None, "note": "not settled after %d s: %s" % (timeout, summarize(seen))}
     elif held:
         reason = " ".join(rig.q(jobs, ("HoldReason",)).get(held[0], ["?"])).split(" <")[0]  # no address
-        result = {"time": None, "note": "held %d/%d after %.1f s: %s" % (len(held), count, took, reason[:70])}
+        result = {"time": None, "note": "held %d/%d: %s" % (len(held), count, reason[:70]), "held_after": took}
     else:
         result = {"time": took, "note": "; ".join(rig.check_and_clean(jobs)[:3])}
     result["gahp"] = gahp_starts(rig.gridmanager_log()[offset:])
     result["load"] = load
     rig.forget(jobs)
     say(
-        "%s %d x %s: %s%s (load %.2f)"
+        "%s %d x %s: %s%s%s (load %.2f)"
         % (
             transport,
             count,
             human(size),
             "%.1f s" % result["time"] if result["time"] is not None else "-",
             " " + result["note"] if result["note"] else "",
+            " after %.1f s" % result["held_after"] if "held_after" in result else "",
             load,
         )
     )
@@ -352,6 +357,36 @@ def cell(value, base, unit="s", fmt="%.1f"):
     return text
 
 
+def kill_row(args, transports, kills):
+    """The link-kill figure: per transport, the median over its pairs of (with kill - without),
+    the medians of each, and n."""
+    delays = {}
+    for t, pairs in kills.items():
+        delays[t] = [hit - base for base, hit, _ in pairs if base is not None and hit is not None]
+    base_delay = median(delays.get("rvgahp", []))
+    row = ["%d running jobs: delay from a kill -9 of the link's ssh (with - without; median of n)" % args.kill_jobs]
+    for t in transports:
+        pairs = kills.get(t)
+        if pairs is None:
+            row.append("-")
+            continue
+        if not pairs:
+            row.append("n/a: its jobs are held before they run (no file transfer)")
+            continue
+        notes = sorted({note for _, _, note in pairs if note and not note.startswith("killed")})
+        delay = median(delays[t])
+        if delay is None:
+            row.append("- " + " | ".join(notes))
+            continue
+        hit = median([h for b, h, _ in pairs if b is not None and h is not None])
+        base = median([b for b, h, _ in pairs if b is not None and h is not None])
+        text = "%+.1f s (%.1f vs %.1f) n=%d" % (delay, hit, base, len(delays[t]))
+        if t != "rvgahp" and base_delay and base_delay > 0:
+            text += " (x%.2f)" % (delay / base_delay)
+        row.append(text + ("; " + " | ".join(notes) if notes else ""))
+    return row
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -361,11 +396,14 @@ def main():
     parser.add_argument("--sizes", default="1,100", help="input and output sizes in MiB, comma-separated (default 1,100)")
     parser.add_argument("--full", action="store_true", help="every count with every size (default: 200 jobs only with the smallest size)")
     parser.add_argument("--transports", default=",".join(TRANSPORTS), help="default: " + ",".join(TRANSPORTS))
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each cell (default 1)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each cell, and pairs of kill runs (default 1)")
     parser.add_argument("--kill-jobs", type=int, default=20, help="gated jobs in the link-kill figure (default 20; 0 skips it)")
     parser.add_argument("--no-kill", action="store_true", help="skip the link-kill figure")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds a batch may take (default 1800)")
     parser.add_argument("--c-timeout", type=int, default=240, help="seconds to wait for the C rvgahp's jobs to settle (default 240)")
+    parser.add_argument(
+        "--reachable", action="store_true", help="the submit host's HTCondor on 192.0.2.1, in the cluster's reach (default: 127.0.0.1 only)"
+    )
     parser.add_argument("--seed", type=int, default=18)
     args = parser.parse_args()
 
@@ -387,7 +425,7 @@ def main():
     root = htcondor.build_root(say=say)
     tmp = tempfile.mkdtemp(prefix="rvgahp-bench-htcondor-")
     pyz = htcondor.build_pyz(os.path.join(tmp, "rvgahp.pyz"))
-    rig = BenchRig(root, pyz, say=say, seed=args.seed)
+    rig = BenchRig(root, pyz, say=say, seed=args.seed, condor_addr=htcondor.ADDRESS[htcondor.SUBMIT] if args.reachable else "127.0.0.1")
 
     def interrupted(signum, frame):
         raise KeyboardInterrupt
@@ -403,6 +441,10 @@ def main():
             raise SystemExit("rvgahp setup did not bring the link up:\n" + result.stdout)
         rig.peers()
         say("hosts up, rvgahp set up, peers ready: %s" % rig.summary())
+        reaches = rig.connects(rig.cluster, rig.submit.addr, rig.schedd_port())
+        if reaches != args.reachable:
+            verb = "reaches" if reaches else "cannot reach"
+            raise SystemExit("bench/htcondor.py: the cluster %s the schedd's port, but --reachable is %s" % (verb, args.reachable))
         digests = {z: rig.inputs(z, args.seed) for z in sizes}
         rng = random.Random(args.seed)
         for n, z in cells:
@@ -414,12 +456,13 @@ def main():
         if not args.no_kill and args.kill_jobs:
             z = min(sizes)
             for t in transports:
-                if t == "c-rvgahp":
-                    kills[t] = (None, None, "n/a: its jobs are held before they run (no file transfer)")
+                if t == "c-rvgahp" and not args.reachable:
+                    kills[t] = []
                     continue
-                base, note1 = kill_run(rig, say, t, args.kill_jobs, z, digests[z], False, args)
-                hit, note2 = kill_run(rig, say, t, args.kill_jobs, z, digests[z], True, args)
-                kills[t] = (base, hit, "; ".join(x for x in (note1, note2) if x))
+                for _ in range(args.repeats):  # a pair at a time, so load drifts hit both alike
+                    base, note1 = kill_run(rig, say, t, args.kill_jobs, z, digests[z], False, args)
+                    hit, note2 = kill_run(rig, say, t, args.kill_jobs, z, digests[z], True, args)
+                    kills.setdefault(t, []).append((base, hit, "; ".join(x for x in (note1, note2) if x)))
         report(rig, args, cells, skipped, transports, results, kills, load_before)
     except KeyboardInterrupt:
         say("interrupted: closing the rig")
@@ -445,7 +488,10 @@ def report(rig, args, cells, skipped, transports, results, kills, load_before):
     w("  seed %d; repeats %d; load before %s, after %s" % (args.seed, args.repeats, load_before, benchlib.load_average()))
     w("  GridManager probe intervals lowered by the rig (GRIDMANAGER_JOB_PROBE_INTERVAL = 2, _BATCH = 2,")
     w("  GRIDMANAGER_RESOURCE_PROBE_INTERVAL = 5, INFN_JOB_POLL_INTERVAL = 2), kept; every run starts a new GridManager")
-    w("  the cluster reaches no HTCondor port: only ssh joins the hosts")
+    if args.reachable:
+        w("  --reachable: the submit host's HTCondor listens on %s, which the cluster can reach" % rig.condor_addr)
+    else:
+        w("  the cluster reaches no HTCondor port: only ssh joins the hosts")
     w("")
     headers = ["figure"] + [TITLES[t] for t in transports]
     rows = []
@@ -457,6 +503,9 @@ def report(rig, args, cells, skipped, transports, results, kills, load_before):
             value = median([r["time"] for r in runs])
             text = cell(value, base if t != "rvgahp" else None)
             notes = sorted({r["note"] for r in runs if r["note"]})
+            held_after = median([r["held_after"] for r in runs if "held_after" in r])
+            if held_after is not None:
+                notes = [n + " (after %.1f s)" % held_after if n.startswith("held") else n for n in notes]
             if notes:
                 text = (text + "; " if value is not None else "") + " | ".join(notes)
             row.append(text)
@@ -473,20 +522,7 @@ def report(rig, args, cells, skipped, transports, results, kills, load_before):
             )
         rows.append(row)
     if kills:
-        base_delay = None
-        if "rvgahp" in kills and kills["rvgahp"][0] is not None and kills["rvgahp"][1] is not None:
-            base_delay = kills["rvgahp"][1] - kills["rvgahp"][0]
-        row = ["%d running jobs: delay from a kill -9 of the link's ssh (with - without)" % args.kill_jobs]
-        for t in transports:
-            base, hit, note = kills.get(t, (None, None, ""))
-            if base is None or hit is None:
-                row.append("- " + note if note else "-")
-                continue
-            text = "%+.1f s (%.1f vs %.1f)" % (hit - base, hit, base)
-            if t != "rvgahp" and base_delay and base_delay > 0:
-                text += " (x%.2f)" % ((hit - base) / base_delay)
-            row.append(text + ("; " + note if note else ""))
-        rows.append(row)
+        rows.append(kill_row(args, transports, kills))
     w(table(headers, rows))
     w("")
     w("(xN): the ratio against rvgahp's figure. One run per cell unless repeats > 1 (then medians).")

@@ -16,8 +16,9 @@ its own /etc, /home, /tmp and /var), each has its own network namespace and host
 and a veth pair joins them with no route anywhere else:
 
 - submit (192.0.2.1): alice's personal HTCondor (master, collector, schedd; the schedd
-  starts the GridManager), bound to its 127.0.0.1 only; an sshd on 192.0.2.1:22 for the
-  link rvgahp_server dials; rvgahp_proxy and rvgahp_client once set up.
+  starts the GridManager), bound to its 127.0.0.1 only (Rig(condor_addr=) can move it to
+  192.0.2.1, in the cluster's reach, for the bench); an sshd on 192.0.2.1:22 for the link
+  rvgahp_server dials; rvgahp_proxy and rvgahp_client once set up.
 - cluster (192.0.2.2): munged, slurmctld and slurmd on its 127.0.0.1; rvgahp_server,
   blahpd and condor_ft-gahp as alice; an sshd with password logins only while setup runs.
 
@@ -444,7 +445,7 @@ LogLevel VERBOSE
 """
 
 CONDOR = """\
-# alice's personal HTCondor on the submit host, bound to 127.0.0.1 only
+# alice's personal HTCondor on the submit host, bound to {addr} only
 RELEASE_DIR = /usr
 BIN = /usr/bin
 SBIN = /usr/sbin
@@ -460,9 +461,9 @@ RUN = $(LOCAL_DIR)/run
 CRED_STORE_DIR = $(LOCAL_DIR)/cred
 LOCAL_CONFIG_FILE = {local}
 REQUIRE_LOCAL_CONFIG_FILE = False
-CONDOR_HOST = 127.0.0.1
-COLLECTOR_HOST = 127.0.0.1:9618
-NETWORK_INTERFACE = 127.0.0.1
+CONDOR_HOST = {addr}
+COLLECTOR_HOST = {addr}:9618
+NETWORK_INTERFACE = {addr}
 BIND_ALL_INTERFACES = False
 USE_SHARED_PORT = False
 CCB_ADDRESS =
@@ -591,8 +592,10 @@ class Jobs:
 
 
 class Rig:
-    def __init__(self, root, pyz, say=print, seed=18):
+    def __init__(self, root, pyz, say=print, seed=18, condor_addr="127.0.0.1"):
         self.root = root
+        self.condor_addr = condor_addr  # where the submit host's HTCondor listens
+        self.setup_help = None  # `rvgahp setup --help`, once asked
         self.pyz = pyz
         self.say = say
         self.rng = random.Random(seed)
@@ -641,7 +644,7 @@ class Rig:
         s.daemon("sshd", ["/usr/sbin/sshd", "-D", "-e", "-f", "/etc/ssh/sshd_config"])
         for sub in ("", "/log", "/spool", "/execute", "/lock", "/run", "/cred"):
             s.mkdir(CONDOR_DIR + sub, 0o755, owner=True)
-        s.write(CONDOR_CONFIG, CONDOR.format(dir=CONDOR_DIR, local=CONDOR_LOCAL), owner=True)
+        s.write(CONDOR_CONFIG, CONDOR.format(dir=CONDOR_DIR, local=CONDOR_LOCAL, addr=self.condor_addr), owner=True)
         s.write(CONDOR_LOCAL, "# setup's block goes here\n", owner=True)
         s.mkdir(HOME + "/.ssh", 0o700, owner=True)
         hostkey = " ".join(self.cluster.read("/etc/ssh/ssh_host_ed25519_key.pub").split()[:2])
@@ -699,7 +702,8 @@ class Rig:
             if os.path.exists(calls):
                 os.remove(calls)
             argv = ["python3", PYZ, "setup", "--submit-host", "%s@%s" % (USER, where[SUBMIT]), "--condor-config", CONDOR_LOCAL]
-            argv += ["--batch-system", "slurm"]  # Debian's condor package puts condor_submit on the cluster too
+            if self.setup_knows("--batch-system"):  # an older rvgahp (RVGAHP_TIER_REPO) may not
+                argv += ["--batch-system", "slurm"]  # Debian's condor package puts condor_submit on the cluster too
             argv += list(args) + ["%s@%s" % (USER, where[CLUSTER])]
             result = s.run(
                 argv,
@@ -715,6 +719,12 @@ class Rig:
         if expect is not None and result.returncode != expect:
             raise AssertionError("setup exited %d:\n%s\n%s" % (result.returncode, result.stdout, result.stderr))
         return result, asked
+
+    def setup_knows(self, option):
+        """Whether this rvgahp's `setup --help` lists option."""
+        if self.setup_help is None:
+            self.setup_help = self.submit.run(["python3", PYZ, "setup", "--help"], user=USER, check=False, timeout=120).stdout
+        return option in self.setup_help
 
     def connects(self, host, addr, port):
         """Whether a TCP connect from host to addr:port succeeds."""
