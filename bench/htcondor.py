@@ -5,7 +5,8 @@
     sudo .venv/bin/python bench/htcondor.py --reachable    # the C rvgahp where it can work
 
 testbed/htcondor.py's rig (Debian 13's condor 23.9 and slurm-wlm in two network
-namespaces, the cluster unable to reach any HTCondor port) runs, in one run:
+namespaces, the cluster unable to reach any HTCondor port unless --reachable) runs, in
+one run:
 
 - rvgahp: configured by `rvgahp setup` as the HTCondor tier does;
   `grid_resource = batch slurm SOCKET`;
@@ -373,14 +374,14 @@ def kill_row(args, transports, kills):
         if not pairs:
             row.append("n/a: its jobs are held before they run (no file transfer)")
             continue
-        notes = sorted({note for _, _, note in pairs if note and not note.startswith("killed")})
+        notes = sorted({n for n in (re.sub(r"(^|; )killed \d+ ssh", "", note).strip("; ") for _, _, note in pairs) if n})
         delay = median(delays[t])
         if delay is None:
             row.append("- " + " | ".join(notes))
             continue
         hit = median([h for b, h, _ in pairs if b is not None and h is not None])
         base = median([b for b, h, _ in pairs if b is not None and h is not None])
-        text = "%+.1f s (%.1f vs %.1f) n=%d" % (delay, hit, base, len(delays[t]))
+        text = "%+.1f s (medians %.1f with, %.1f without) n=%d" % (delay, hit, base, len(delays[t]))
         if t != "rvgahp" and base_delay and base_delay > 0:
             text += " (x%.2f)" % (delay / base_delay)
         row.append(text + ("; " + " | ".join(notes) if notes else ""))
@@ -400,7 +401,12 @@ def main():
     parser.add_argument("--kill-jobs", type=int, default=20, help="gated jobs in the link-kill figure (default 20; 0 skips it)")
     parser.add_argument("--no-kill", action="store_true", help="skip the link-kill figure")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds a batch may take (default 1800)")
-    parser.add_argument("--c-timeout", type=int, default=240, help="seconds to wait for the C rvgahp's jobs to settle (default 240)")
+    parser.add_argument(
+        "--c-timeout",
+        type=int,
+        default=240,
+        help="seconds to wait for the C rvgahp's jobs to be held (default 240; with --reachable, --timeout applies)",
+    )
     parser.add_argument(
         "--reachable", action="store_true", help="the submit host's HTCondor on 192.0.2.1, in the cluster's reach (default: 127.0.0.1 only)"
     )
@@ -526,8 +532,8 @@ def report(rig, args, cells, skipped, transports, results, kills, load_before):
     w(table(headers, rows))
     w("")
     w("(xN): the ratio against rvgahp's figure. One run per cell unless repeats > 1 (then medians).")
-    w("The link kill: rvgahp's server ssh on the cluster; the stock script's ssh processes on the submit host")
-    w("(blahpd's and the ft-gahp's).")
+    w("The link kill: rvgahp's server ssh on the cluster; the C rvgahp's (with --reachable), also on the cluster;")
+    w("the stock script's two ssh processes on the submit host (blahpd's and the ft-gahp's).")
     if skipped:
         w("not run (use --full): %s" % ", ".join("%d jobs x %s" % (n, human(z)) for n, z in skipped))
     loads = ["%s %d x %s: %.2f" % (t, n, human(z), r["load"]) for (n, z, t), runs in sorted(results.items()) for r in runs]
